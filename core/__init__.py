@@ -1,0 +1,1 @@
+"""Pure functions and data types: no ComfyUI, no model files."""

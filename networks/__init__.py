@@ -1,0 +1,1 @@
+"""nn.Modules that neither ComfyUI nor diffusers/transformers provide."""

@@ -1,0 +1,16 @@
+"""Socket type names. Custom types are prefixed ``AVSYNC_``; they are saved inside
+users' workflows, so never rename one."""
+
+# core ComfyUI types
+AUDIO = "AUDIO"
+IMAGE = "IMAGE"
+
+# AVSync types
+TIMELINE = "AVSYNC_TIMELINE"            # core.timeline.Timeline
+KEYFRAMES = "AVSYNC_KEYFRAMES"          # keyframe indices + curve (issue: KeyframeLocalizer)
+GUIDANCE = "AVSYNC_GUIDANCE"            # Audio Sync Guidance settings
+LOCALIZER_MODEL = "AVSYNC_LOCALIZER_MODEL"
+DEMIX_MODEL = "AVSYNC_DEMIX_MODEL"
+SVD_MODEL = "AVSYNC_SVD_MODEL"
+SVD_BACKWARD = "AVSYNC_SVD_BACKWARD"
+KEYVID_MODEL = "AVSYNC_KEYVID_MODEL"
