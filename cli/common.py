@@ -68,3 +68,19 @@ def terminal_progress(value: int, total: int) -> None:
         if value >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
+
+def load_audio_file(path: str | Path, fps: float = 24.0, sample_rate: int = 0, channels: str = "keep",
+                    start: float = 0.0, duration: float = 0.0, max_duration: float = 600.0):
+    """Read an audio file through ``AVSyncAudioLoader``: ``(AUDIO, Timeline)``."""
+    return run_node("AVSyncAudioLoader", audio_file=str(path), start=start, duration=duration,
+                    sample_rate=sample_rate, channels=channels, fps=fps, max_duration=max_duration)
+
+
+def save_audio_file(path: str | Path, audio: dict, bits: int = 16) -> None:
+    """Write an AUDIO value as WAV (16-bit PCM, or 32-bit float with ``bits=32``)."""
+    from ..core.audio import check_audio
+    from ..core.audio_io import encode_wav
+
+    wav, sr = check_audio(audio, "audio")
+    encode_wav(path, wav.numpy(), sr, bits=bits)
