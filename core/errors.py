@@ -31,6 +31,9 @@ class AudioFileError(AVSyncError, ValueError):
 class MissingModelError(AVSyncError, FileNotFoundError):
     """A model file that is not where AVSync looks for it."""
 
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
     def __init__(self, filename: str, folder: str, searched, source: str, extra: str = ""):
         self.filename = filename
         self.folder = folder
@@ -41,7 +44,11 @@ class MissingModelError(AVSyncError, FileNotFoundError):
         )
         if extra:
             msg += f". {extra}"
+        self.message = msg
         super().__init__(msg)
+
+    def __str__(self) -> str:  # OSError would format its constructor arguments as errno/strerror
+        return self.message
 
 
 class ModelFormatError(AVSyncError, ValueError):
