@@ -15,6 +15,7 @@ from tests import workflow_check as wc
 ROOT = Path(__file__).resolve().parents[1] / "example_workflows"
 UI_FILES = sorted(ROOT.glob("*.json"))
 API_FILES = sorted((ROOT / "api").glob("*.json"))
+E2E_FILES = sorted((ROOT.parent / "tools" / "e2e").glob("*.json"))  # tools/comfyui_e2e.py's extra checks
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_ui_workflow_has_thumbnail(path):
     assert path.with_suffix(".jpg").is_file(), f"{path.name} needs a .jpg thumbnail for the template browser"
 
 
-@pytest.mark.parametrize("path", API_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", API_FILES + E2E_FILES, ids=lambda p: p.name)
 def test_api_workflow_valid(path, info):
     assert wc.check_api_workflow(json.loads(path.read_text()), info) == []
 
