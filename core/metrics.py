@@ -1,0 +1,63 @@
+"""Keypoint metrics of KeyVID App. D.
+
+``AP@t``: for each ground-truth keypoint, it is matched when a predicted keypoint
+lies within ``t`` frames (``|gt - pred| <= t``, as ``AudioDataset._precision`` in the
+released code compares); the score of one instance is ``N_match / N_gt``, and AP@t is
+the mean over instances. ``precision@t`` is the other direction: the share of
+predicted keypoints that lie within ``t`` frames of some ground-truth keypoint.
+
+Edge cases follow the released evaluation code: no ground-truth keypoint gives 0.5
+for that instance (it cannot be judged either way), ground truth without any
+prediction gives 0.0. For precision@t, no prediction gives 0.5 and predictions
+without ground truth give 0.0.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+
+def _as_int_array(x) -> np.ndarray:
+    return np.asarray(sorted(int(v) for v in x), dtype=np.int64)
+
+
+def _nearest_distance(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """For each value in ``src``, the distance to the nearest value of sorted ``dst``."""
+    i = np.searchsorted(dst, src)
+    left = np.abs(src - dst[np.clip(i - 1, 0, len(dst) - 1)])
+    right = np.abs(dst[np.clip(i, 0, len(dst) - 1)] - src)
+    return np.minimum(left, right)
+
+
+def match_rate(ground_truth: Sequence[int], predicted: Sequence[int], t: int) -> float:
+    """One instance of AP@t: share of ground-truth keypoints with a prediction within ``t`` frames."""
+    gt, pr = _as_int_array(ground_truth), _as_int_array(predicted)
+    if len(gt) == 0:
+        return 0.5
+    if len(pr) == 0:
+        return 0.0
+    return float(np.mean(_nearest_distance(gt, pr) <= t))
+
+
+def precision_rate(ground_truth: Sequence[int], predicted: Sequence[int], t: int) -> float:
+    """One instance of precision@t: share of predictions within ``t`` frames of a ground-truth keypoint."""
+    gt, pr = _as_int_array(ground_truth), _as_int_array(predicted)
+    if len(pr) == 0:
+        return 0.5
+    if len(gt) == 0:
+        return 0.0
+    return float(np.mean(_nearest_distance(pr, gt) <= t))
+
+
+def average_precision_at(instances: Iterable[tuple[Sequence[int], Sequence[int]]], t: int) -> float:
+    """AP@t over ``(ground_truth, predicted)`` pairs (KeyVID App. D)."""
+    scores = [match_rate(g, p, t) for g, p in instances]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def precision_at(instances: Iterable[tuple[Sequence[int], Sequence[int]]], t: int) -> float:
+    """Mean precision@t over ``(ground_truth, predicted)`` pairs."""
+    scores = [precision_rate(g, p, t) for g, p in instances]
+    return float(np.mean(scores)) if scores else float("nan")
