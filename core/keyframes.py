@@ -150,7 +150,7 @@ def select_reference(peaks: Sequence[int], valleys: Sequence[int], num_frames: i
             a, b = chosen[i], chosen[i + 1]
             between = valleys[(valleys > a) & (valleys < b)]
             if len(between) > 0:
-                chosen_valleys.extend(np.asarray(rng.choice(between, 1)).tolist())
+                chosen_valleys.extend(np.asarray(rng.choice(between, 1, replace=True)).tolist())
         anchors = np.sort(np.concatenate([chosen.astype(np.float64), np.asarray(chosen_valleys, dtype=np.float64)]))
 
     keys = anchors
@@ -213,7 +213,7 @@ def select_paper(peaks: Sequence[int], valleys: Sequence[int], num_frames: int =
                 break
             between = valleys[(valleys > a) & (valleys < b)]
             if len(between):
-                keys.add(int(np.asarray(rng.choice(between, 1))[0]))
+                keys.add(int(np.asarray(rng.choice(between, 1, replace=True))[0]))
     remaining = num_keyframes - len(keys)
     if remaining > 0:
         anchors = sorted(keys)
@@ -328,7 +328,9 @@ def select_timeline(curve: np.ndarray, num_keyframes: int = NUM_KEYFRAMES, clip_
     indices, clips, all_peaks, all_valleys = [], [], [], []
     for ci, (s, e) in enumerate(clip_ranges(n, clip_frames)):
         p, v = find_peaks_valleys(curve[s:e], distance, prominence, smoothing)
-        k = keyframes_for_clip_length(e - s, clip_frames, num_keyframes)
+        # a timeline shorter than one clip is one clip of its own length and gets all
+        # T_K keyframes; the short last clip of a longer timeline gets its share
+        k = num_keyframes if n <= clip_frames else keyframes_for_clip_length(e - s, clip_frames, num_keyframes)
         rel = select_keyframes(p, v, e - s, k, variant, rng=rng_factory(clip_seed(seed, ci)))
         clips.append([int(x) for x in rel])
         indices.extend(int(x) + s for x in rel)

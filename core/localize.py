@@ -58,6 +58,27 @@ def frame_times(timeline: Timeline) -> np.ndarray:
     return k * timeline.fps.denominator / timeline.fps.numerator
 
 
+def stitch_windows(starts_seconds, scores, times: np.ndarray) -> np.ndarray:
+    """Cross-fade per-window scores (score ``i`` of a window starting at ``t0`` belongs to
+    ``t0 + i / 24`` s) into one value per entry of ``times``. A time covered by no
+    window gets 0."""
+    num = np.zeros_like(times, dtype=np.float64)
+    den = np.zeros_like(times, dtype=np.float64)
+    wts = crossfade_weights()
+    offsets = np.arange(WINDOW_OUTPUTS) * OUTPUT_STEP_SECONDS
+    span = WINDOW_SAMPLES / MODEL_RATE
+    for t0, sc in zip(starts_seconds, scores):
+        inside = (times >= t0) & (times < t0 + span)
+        tt = times[inside] - t0
+        w = np.interp(tt, offsets, wts)
+        num[inside] += w * np.interp(tt, offsets, np.asarray(sc, dtype=np.float64))
+        den[inside] += w
+    out = np.zeros_like(num)
+    ok = den > 0
+    out[ok] = num[ok] / den[ok]
+    return out
+
+
 def learned_curve(waveform: torch.Tensor, sample_rate: int, timeline: Timeline,
                   score_fn: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 8,
                   progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
@@ -70,29 +91,14 @@ def learned_curve(waveform: torch.Tensor, sample_rate: int, timeline: Timeline,
     starts = window_starts(n)
     if n < WINDOW_SAMPLES:
         x = torch.nn.functional.pad(x, (0, WINDOW_SAMPLES - n))
-    times = frame_times(timeline)
-    num = np.zeros_like(times)
-    den = np.zeros_like(times)
-    wts = crossfade_weights()
-    offsets = np.arange(WINDOW_OUTPUTS) * OUTPUT_STEP_SECONDS
+    all_scores = []
     for b in range(0, len(starts), batch_size):
-        chunk = starts[b:b + batch_size]
-        clips = torch.stack([x[s:s + WINDOW_SAMPLES] for s in chunk])
+        clips = torch.stack([x[s:s + WINDOW_SAMPLES] for s in starts[b:b + batch_size]])
         with torch.inference_mode():
-            scores = score_fn(imagebind_input(clips)).detach().to(torch.float64).cpu().numpy()
-        for s, sc in zip(chunk, scores):
-            t0 = s / MODEL_RATE
-            inside = (times >= t0) & (times < t0 + WINDOW_SAMPLES / MODEL_RATE)
-            tt = times[inside] - t0
-            w = np.interp(tt, offsets, wts)
-            num[inside] += w * np.interp(tt, offsets, sc)
-            den[inside] += w
+            all_scores.extend(score_fn(imagebind_input(clips)).detach().to(torch.float64).cpu().numpy())
         if progress is not None:
             progress(min(b + batch_size, len(starts)), len(starts))
-    out = np.zeros_like(times)
-    ok = den > 0
-    out[ok] = num[ok] / den[ok]
-    return out
+    return stitch_windows([s / MODEL_RATE for s in starts], all_scores, frame_times(timeline))
 
 
 def driving_timeline(timeline: Timeline, sample_rate: int) -> Timeline:

@@ -69,12 +69,16 @@ def onset_strength(waveform: torch.Tensor, sample_rate: int) -> tuple[np.ndarray
     if q > 1:
         x = x.view(-1, q).sum(dim=1)
     x = x * (1.0 / (waveform.shape[0] if waveform.dim() == 2 else 1) / q)
+    x = x - x.mean()  # a DC offset is inaudible; it must not look like an onset
     rate = sample_rate / q
     n_fft = _fft_size(rate)
     hop = max(int(round(rate * HOP_SECONDS)), 1)
     # centred frames: frame j covers [j*hop - n_fft/2, j*hop + n_fft/2) of the decimated signal
     pad = n_fft // 2
-    xp = torch.nn.functional.pad(x, (pad, pad + hop))
+    # reflect at the ends: zero padding would make the first and last frames look like
+    # the sound starting or stopping
+    mode = "reflect" if x.shape[-1] > pad + hop else "constant"
+    xp = torch.nn.functional.pad(x[None, None], (pad, pad + hop), mode=mode)[0, 0]
     frames = xp.unfold(-1, n_fft, hop)  # [J, n_fft]
     spec = torch.fft.rfft(frames * torch.hann_window(n_fft, periodic=True), dim=-1)
     mel = torch.view_as_real(spec).square().sum(dim=-1) @ _mel_matrix(n_fft, int(round(rate)), NUM_MELS)
