@@ -312,8 +312,10 @@ def select_timeline(curve: np.ndarray, num_keyframes: int = NUM_KEYFRAMES, clip_
                     rng_factory=SeededRandom) -> tuple[list[int], list[list[int]], np.ndarray, np.ndarray]:
     """Keyframes over a whole curve, one selection per clip of ``clip_frames`` frames.
 
-    Peaks and valleys are found per clip (as KeyVID does on each 48-frame curve), so
-    a clip's choice depends only on its own stretch of audio. Returns
+    Peaks and valleys are found once on the whole curve (a hit on a clip boundary is
+    still a peak, and prominence sees the neighbouring clips); each clip then selects
+    from the extrema inside it, with its own random stream. For a curve of one clip
+    this is exactly KeyVID's per-clip procedure. Returns
     ``(indices, per_clip_relative, peaks, valleys)`` with timeline-frame indices.
     """
     curve = np.asarray(curve, dtype=np.float64)
@@ -325,15 +327,15 @@ def select_timeline(curve: np.ndarray, num_keyframes: int = NUM_KEYFRAMES, clip_
     if num_keyframes > min(n, clip_frames):
         raise InputError("num_keyframes", f"{num_keyframes} keyframes do not fit in "
                          f"{'a clip of ' + str(clip_frames) if clip_frames < n else str(n)} frames")
-    indices, clips, all_peaks, all_valleys = [], [], [], []
+    peaks, valleys = find_peaks_valleys(curve, distance, prominence, smoothing)
+    indices, clips = [], []
     for ci, (s, e) in enumerate(clip_ranges(n, clip_frames)):
-        p, v = find_peaks_valleys(curve[s:e], distance, prominence, smoothing)
+        p = peaks[(peaks >= s) & (peaks < e)] - s
+        v = valleys[(valleys >= s) & (valleys < e)] - s
         # a timeline shorter than one clip is one clip of its own length and gets all
         # T_K keyframes; the short last clip of a longer timeline gets its share
         k = num_keyframes if n <= clip_frames else keyframes_for_clip_length(e - s, clip_frames, num_keyframes)
         rel = select_keyframes(p, v, e - s, k, variant, rng=rng_factory(clip_seed(seed, ci)))
         clips.append([int(x) for x in rel])
         indices.extend(int(x) + s for x in rel)
-        all_peaks.extend(int(x) + s for x in p)
-        all_valleys.extend(int(x) + s for x in v)
-    return indices, clips, np.asarray(all_peaks, dtype=np.int64), np.asarray(all_valleys, dtype=np.int64)
+    return indices, clips, peaks, valleys

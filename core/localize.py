@@ -60,22 +60,27 @@ def frame_times(timeline: Timeline) -> np.ndarray:
 
 def stitch_windows(starts_seconds, scores, times: np.ndarray) -> np.ndarray:
     """Cross-fade per-window scores (score ``i`` of a window starting at ``t0`` belongs to
-    ``t0 + i / 24`` s) into one value per entry of ``times``. A time covered by no
-    window gets 0."""
+    ``t0 + i / 24`` s) into one value per entry of ``times``. Inside a window, scores
+    are interpolated linearly; the last 1/24 s of the audio, after the last window's
+    last score, holds that score."""
     num = np.zeros_like(times, dtype=np.float64)
     den = np.zeros_like(times, dtype=np.float64)
     wts = crossfade_weights()
     offsets = np.arange(WINDOW_OUTPUTS) * OUTPUT_STEP_SECONDS
-    span = WINDOW_SAMPLES / MODEL_RATE
+    last_t, last_v = -np.inf, 0.0
     for t0, sc in zip(starts_seconds, scores):
-        inside = (times >= t0) & (times < t0 + span)
+        sc = np.asarray(sc, dtype=np.float64)
+        inside = (times >= t0) & (times <= t0 + offsets[-1])
         tt = times[inside] - t0
         w = np.interp(tt, offsets, wts)
-        num[inside] += w * np.interp(tt, offsets, np.asarray(sc, dtype=np.float64))
+        num[inside] += w * np.interp(tt, offsets, sc)
         den[inside] += w
+        if t0 + offsets[-1] >= last_t:
+            last_t, last_v = t0 + offsets[-1], float(sc[-1])
     out = np.zeros_like(num)
     ok = den > 0
     out[ok] = num[ok] / den[ok]
+    out[(~ok) & (times > last_t)] = last_v
     return out
 
 
