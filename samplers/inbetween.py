@@ -91,8 +91,8 @@ class InbetweenSettings:
         if self.num_frames < 3:
             raise InputError("frames", f"needs at least 3 frames (first, one in between, last), got {self.num_frames}")
         for name, v in (("width", self.width), ("height", self.height)):
-            if v < 64 or v % 64:
-                raise InputError(name, f"must be a multiple of 64 and at least 64 px, got {v}")
+            if v < 8 or v % 8:
+                raise InputError(name, f"must be a positive multiple of 8 px, got {v}")
         if self.steps < 1:
             raise InputError("steps", f"must be at least 1, got {self.steps}")
         if self.cfg < 0:
@@ -466,6 +466,18 @@ def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def size_multiple(unet, vae) -> int:
+    """Pixel sizes must divide into the UNet's coarsest level: 64 for SVD (8× VAE, 3 downsamplings)."""
+    return vae_scale_factor(vae) * 2 ** (len(unet.config.block_out_channels) - 1)
+
+
+def check_size(settings: InbetweenSettings, unet, vae) -> None:
+    m = size_multiple(unet, vae)
+    for name, v in (("width", settings.width), ("height", settings.height)):
+        if v % m:
+            raise InputError(name, f"must be a multiple of {m} px for this model, got {v}")
+
+
 # --------------------------------------------------------------------------------------
 # Memory estimate
 # --------------------------------------------------------------------------------------
@@ -484,6 +496,7 @@ DECODER_ACTIVATION_MAPS = 6.0
 class MemoryEstimate:
     sampling: int
     decoding: int
+    maps: int = 0  # attention maps held during sampling (all layers for two_call, one chunk for fused)
 
     @property
     def peak(self) -> int:
@@ -520,7 +533,7 @@ def estimate_peak_memory(settings: InbetweenSettings, unet_params: int, vae_para
     chunk = min(settings.decode_chunk_size, settings.num_frames)
     decoding = vae_params * bytes_per_value + int(
         DECODER_ACTIVATION_MAPS * chunk * settings.height * settings.width * decoder_channels * bytes_per_value)
-    return MemoryEstimate(sampling=sampling, decoding=decoding)
+    return MemoryEstimate(sampling=sampling, decoding=decoding, maps=int(maps))
 
 
 def svd_temporal_heads(unet) -> list[tuple[int, int]]:
@@ -626,6 +639,7 @@ def generate_inbetween(svd, first_image: torch.Tensor, last_image: torch.Tensor,
         if hasattr(backward_weights, "check_against"):
             backward_weights.check_against(unet_m)
         check_backward_weights(unet_m, backward_weights)
+    check_size(settings, unet_m, vae_m)
     if free_bytes == -1:
         free_bytes = compat.free_memory_bytes(svd.unet.load_device)
     check_memory(settings, lambda s: estimate_for_models(s, unet_m, vae_m, dtype), free_bytes, dtype)
