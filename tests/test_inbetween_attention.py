@@ -30,17 +30,11 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from tests.factories.svd import save_tiny_backward_delta, tiny_svd_model
-    import tempfile
-
-    from avsync.loaders.svd import load_backward_delta
+    from tests.factories.svd import tiny_svd_model
+    from tests.test_inbetween_nodes import random_delta
 
     model = tiny_svd_model(seed=0)
-    with tempfile.TemporaryDirectory() as d:
-        path, _ = save_tiny_backward_delta(f"{d}/delta.safetensors", base_seed=0, seed=1, scale=0.05,
-                                           dtype=torch.float32)
-        delta = load_backward_delta(path)
-    return model, delta
+    return model, random_delta(model.unet.module)
 
 
 # --------------------------------------------------------------------------------------

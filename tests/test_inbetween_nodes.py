@@ -1,0 +1,157 @@
+"""AVSyncDualDirectionalSampler as ComfyUI runs it (run_node), progress and cancel, the
+`avsync inbetween` command."""
+
+import pytest
+import torch
+
+from avsync import compat
+from avsync.cli.common import run_node
+from avsync.core.errors import InputError
+from avsync.samplers import inbetween as ib
+
+SMALL = dict(frames=3, width=64, height=64, steps=2, cfg=2.0, seed=3, renoise_repeats=1, renoise_ratio=0.5,
+             fuse="average", decode_chunk_size=2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_delta(unet, seed=1, scale=0.05):
+    from tests.factories.svd import backward_param_names
+
+    from avsync.loaders.svd import BackwardMotionDelta
+
+    g = torch.Generator().manual_seed(seed)
+    params = dict(unet.named_parameters())
+    deltas = {n: torch.randn(params[n].shape, generator=g) * scale for n in backward_param_names(unet)}
+    return BackwardMotionDelta(deltas=deltas, source="random", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from tests.factories.svd import tiny_svd_model
+
+    model = tiny_svd_model(seed=0)
+    return model, random_delta(model.unet.module)
+
+
+def _images():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(1, 64, 64, 3, generator=g), torch.rand(2, 48, 80, 3, generator=g)
+
+
+def test_node_generates_frames_and_is_deterministic(tiny):
+    model, delta = tiny
+    first, last = _images()
+    (a,) = run_node("AVSyncDualDirectionalSampler", svd_model=model, backward_weights=delta, first_image=first,
+                    last_image=last, variant="full", **SMALL)
+    assert a.shape == (3, 64, 64, 3) and a.dtype == torch.float32
+    assert 0.0 <= a.min() and a.max() <= 1.0 and a.std() > 1e-3
+    (b,) = run_node("AVSyncDualDirectionalSampler", svd_model=model, backward_weights=delta, first_image=first,
+                    last_image=last, variant="full", **SMALL)
+    assert torch.equal(a, b)
+    (c,) = run_node("AVSyncDualDirectionalSampler", svd_model=model, backward_weights=delta, first_image=first,
+                    last_image=last, variant="full", execution="two_call", **SMALL)
+    assert (a - c).abs().max() < 1e-4
+    # the models are back on their offload device afterwards
+    assert next(model.unet.module.parameters()).device == model.unet.offload_device
+
+
+def test_node_progress_counts_every_model_evaluation_and_cancel_stops(tiny):
+    model, _ = tiny
+    first, last = _images()
+    seen = []
+    compat.set_default_progress_callback(lambda v, t: seen.append((v, t)))
+    try:
+        run_node("AVSyncDualDirectionalSampler", svd_model=model, first_image=first, last_image=last,
+                 variant="trf", **SMALL)
+        assert seen[-1] == (3, 3) and len(seen) == 3  # 2 steps + 1 re-noise repeat
+        seen.clear()
+        calls = []
+
+        def cancel_on_second(v, t):
+            calls.append(v)
+            if v == 1:
+                compat.request_interrupt()
+
+        compat.set_default_progress_callback(cancel_on_second)
+        before = {k: type(p) for k, p in model.unet.module.attn_processors.items()}
+        with pytest.raises(compat.Interrupted):
+            run_node("AVSyncDualDirectionalSampler", svd_model=model, first_image=first, last_image=last,
+                     variant="trf", **SMALL)
+        assert calls == [1]  # stopped at the second evaluation, before it ran
+        assert {k: type(p) for k, p in model.unet.module.attn_processors.items()} == before
+    finally:
+        compat.set_default_progress_callback(None)
+        compat.request_interrupt(False)
+
+
+def test_node_errors_name_the_input(tiny):
+    model, _ = tiny
+    first, last = _images()
+    with pytest.raises(InputError) as e:
+        run_node("AVSyncDualDirectionalSampler", svd_model=model, first_image=first, last_image=last,
+                 variant="full", **SMALL)
+    assert e.value.input_name == "backward_weights"
+    with pytest.raises(InputError) as e:
+        run_node("AVSyncDualDirectionalSampler", svd_model=model, first_image=first[0], last_image=last,
+                 variant="trf", **SMALL)
+    assert e.value.input_name == "first_image"
+    with pytest.raises(InputError) as e:
+        run_node("AVSyncDualDirectionalSampler", svd_model=model, first_image=first, last_image=last,
+                 variant="trf", **dict(SMALL, width=96))
+    assert e.value.input_name == "width"
+    with pytest.raises(InputError) as e:
+        run_node("AVSyncDualDirectionalSampler", svd_model="svd_xt.safetensors", first_image=first,
+                 last_image=last, variant="trf", **SMALL)
+    assert e.value.input_name == "svd_model"
+
+
+def test_chunked_decode_shapes(tiny):
+    model, _ = tiny
+    vae = model.vae.module
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    one = ib.decode_latents(vae, z, chunk=1)
+    full = ib.decode_latents(vae, z, chunk=3)
+    assert one.shape == full.shape == (3, 64, 64, 3)
+    # frame-wise decoding of a single-frame chunk equals decoding that frame alone
+    assert torch.allclose(one[1], ib.decode_latents(vae, z[1:2], chunk=1)[0], atol=1e-6)
+
+
+def test_cli_writes_an_mp4(tiny, tmp_path):
+    import av
+    from PIL import Image
+
+    from avsync.cli import main
+    from avsync.loaders.svd import save_backward_delta, save_svd_diffusers
+
+    model, delta = tiny
+    save_svd_diffusers(model, tmp_path / "models" / "diffusers" / "tiny_svd")
+    (tmp_path / "models" / "avsync" / "svd_backward").mkdir(parents=True)
+    save_backward_delta(delta.deltas, tmp_path / "models" / "avsync" / "svd_backward" / "d.safetensors")
+    first, last = _images()
+    Image.fromarray((first[0].numpy() * 255).astype("uint8")).save(tmp_path / "a.png")
+    Image.fromarray((last[-1].numpy() * 255).astype("uint8")).save(tmp_path / "b.png")
+    out = tmp_path / "out" / "v.mp4"
+    try:
+        rc = main(["inbetween", "--first", str(tmp_path / "a.png"), "--last", str(tmp_path / "b.png"),
+                   "--out", str(out), "--models", str(tmp_path / "models"), "--svd", "tiny_svd",
+                   "--backward", "d.safetensors", "--precision", "fp32", "--frames", "3", "--width", "64",
+                   "--height", "64", "--steps", "1", "--renoise-repeats", "0", "--decode-chunk-size", "3",
+                   "--frames-dir", str(tmp_path / "frames")])
+    finally:
+        compat.set_models_dir(None)
+    assert rc == 0
+    with av.open(str(out)) as f:
+        frames = [fr for fr in f.decode(video=0)]
+        assert len(frames) == 3 and (frames[0].width, frames[0].height) == (64, 64)
+    assert len(list((tmp_path / "frames").glob("*.png"))) == 3
+    rc = main(["inbetween", "--first", str(tmp_path / "a.png"), "--last", str(tmp_path / "b.png"),
+               "--out", str(out), "--models", str(tmp_path / "models"), "--svd", "missing.safetensors"])
+    compat.set_models_dir(None)
+    assert rc == 2
