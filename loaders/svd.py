@@ -472,7 +472,7 @@ def svd_unet_key_map(diffusers_keys, layers_per_block: int) -> dict[str, str]:
                 out[k] = f"output_blocks.{n}.1.{_unet_attention_suffix(rest)}"
             else:  # upsamplers.0.conv.*
                 c = 2 if x in up_has_attention else 1
-                out[k] = f"output_blocks.{(L + 1) * x + L}.{c}.{rest.split('.', 1)[1]}"
+                out[k] = f"output_blocks.{(L + 1) * x + L}.{c}.{rest}"
             continue
         raise KeyError(f"no ldm name known for SVD UNet key '{k}'")
     return out
@@ -529,6 +529,8 @@ def svd_vae_key_map(diffusers_keys) -> dict[str, str]:
         if m:
             part, kind, i, rest = m.group(1), m.group(2), int(m.group(3)), m.group(4)
             if kind == "resnets":
+                if i > 1:
+                    raise KeyError(f"{k}: the ldm VAE mid block has two resnets (layers_per_block must be 2)")
                 out[k] = f"{part}.mid.block_{i + 1}.{_vae_resnet_suffix(rest)}"
             else:
                 out[k] = f"{part}.mid.attn_1.{_vae_attention_suffix(rest)}"
@@ -692,13 +694,17 @@ def infer_vae_config(ldm: Mapping[str, torch.Tensor]) -> dict:
     if not levels or "decoder.conv_out.time_mix_conv.weight" not in ldm:
         raise ModelFormatError("not an SVD temporal VAE: no encoder.down.* / decoder.conv_out.time_mix_conv tensors")
     channels = [int(ldm[f"encoder.down.{x}.block.0.conv1.weight"].shape[0]) for x in levels]
+    layers = len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\."))
+    if layers != 2:
+        # diffusers' TemporalDecoder gives its mid block ``layers_per_block`` resnets; ldm always has two
+        raise ModelFormatError(f"SVD VAE: {layers} resnets per level; the temporal VAE layout needs 2")
     cfg = dict(SVD_VAE_CONFIG)
     cfg.update(
         in_channels=int(ldm["encoder.conv_in.weight"].shape[1]),
         out_channels=int(ldm["decoder.conv_out.weight"].shape[0]),
         block_out_channels=channels,
         down_block_types=["DownEncoderBlock2D"] * len(channels),
-        layers_per_block=len(_indices(keys, r"encoder\.down\.0\.block\.(\d+)\.")),
+        layers_per_block=layers,
         latent_channels=int(ldm["encoder.conv_out.weight"].shape[0]) // 2,
     )
     return cfg

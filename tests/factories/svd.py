@@ -46,7 +46,7 @@ TINY_UNET_HEAD_DIM = 16
 TINY_VAE_CONFIG = dict(
     svd_loader.SVD_VAE_CONFIG,
     block_out_channels=[32, 32, 32, 32],
-    layers_per_block=1,
+    layers_per_block=2,   # the ldm layout fixes 2 (its decoder mid block always has block_1 and block_2)
     sample_size=64,
 )
 
