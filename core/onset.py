@@ -62,13 +62,14 @@ def onset_strength(waveform: torch.Tensor, sample_rate: int) -> tuple[np.ndarray
     t = (x.shape[-1] // q) * q
     if t == 0:
         return np.zeros(0), np.zeros(0, dtype=np.int64)
-    mono = x[0, :t]
-    for c in range(1, x.shape[0]):  # a plain add is faster than a strided reduction here
-        mono = mono + x[c, :t]
-    x = mono
     if q > 1:
-        x = x.view(-1, q).sum(dim=1)
-    x = x * (1.0 / (waveform.shape[0] if waveform.dim() == 2 else 1) / q)
+        x = torch.nn.functional.avg_pool1d(x[None, :, :t], q, q)[0]
+    else:
+        x = x[:, :t]
+    mono = x[0]
+    for c in range(1, x.shape[0]):  # a plain add is faster than a strided reduction here
+        mono = mono + x[c]
+    x = mono / x.shape[0]
     x = x - x.mean()  # a DC offset is inaudible; it must not look like an onset
     rate = sample_rate / q
     n_fft = _fft_size(rate)
@@ -81,7 +82,9 @@ def onset_strength(waveform: torch.Tensor, sample_rate: int) -> tuple[np.ndarray
     xp = torch.nn.functional.pad(x[None, None], (pad, pad + hop), mode=mode)[0, 0]
     frames = xp.unfold(-1, n_fft, hop)  # [J, n_fft]
     spec = torch.fft.rfft(frames * torch.hann_window(n_fft, periodic=True), dim=-1)
-    mel = torch.view_as_real(spec).square().sum(dim=-1) @ _mel_matrix(n_fft, int(round(rate)), NUM_MELS)
+    # |X|^2 @ mel as one matmul over interleaved (re, im) squares: no complex elementwise pass
+    power2 = torch.view_as_real(spec).square().reshape(spec.shape[0], -1)
+    mel = power2 @ _mel_matrix(n_fft, int(round(rate)), NUM_MELS).repeat_interleave(2, dim=0)
     ref = float(mel.max())
     j = np.arange(mel.shape[0], dtype=np.float64)
     if ref <= 0.0:  # digital silence
