@@ -143,3 +143,17 @@ def test_learned_method_end_to_end_through_the_nodes(models_dir):
     direct = learned_curve(audio["waveform"][0], sr, tl, lambda m: net(m))
     assert np.allclose(direct, k1.curve)
     assert plot.shape == (1, 512, 1024, 3)
+
+
+def test_convert_command_line(tmp_path, capsys):
+    from avsync.cli import main
+
+    out = tmp_path / "keyvid_localizer.safetensors"
+    assert main(["convert", "localizer", str(DATA / "tiny_localizer.pth"), str(out), "--num-heads", "4"]) == 0
+    assert "tensors kept" in capsys.readouterr().out
+    net = load_localizer(out)
+    assert net.cfg.num_heads == 4 and net.cfg.num_blocks == 2 and net.cfg.embed_dim == 32
+    # the default head count is ImageBind's 64-dim heads
+    assert main(["convert", "localizer", str(DATA / "tiny_localizer.pth"), str(tmp_path / "d.safetensors")]) == 0
+    assert load_localizer(tmp_path / "d.safetensors").cfg.num_heads == 8  # 32 is not a multiple of 64: gcd(32, 8)
+    assert main(["convert", "localizer", str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors")]) == 2
