@@ -31,24 +31,25 @@ def _nearest_distance(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.minimum(left, right)
 
 
+def _share_within(src: Sequence[int], dst: Sequence[int], t: int) -> float:
+    """Share of ``src`` keypoints with a ``dst`` keypoint within ``t`` frames; 0.5 when
+    there is nothing to judge, 0.0 when there is nothing to match against."""
+    src, dst = _as_int_array(src), _as_int_array(dst)
+    if len(src) == 0:
+        return 0.5
+    if len(dst) == 0:
+        return 0.0
+    return float(np.mean(_nearest_distance(src, dst) <= t))
+
+
 def match_rate(ground_truth: Sequence[int], predicted: Sequence[int], t: int) -> float:
     """One instance of AP@t: share of ground-truth keypoints with a prediction within ``t`` frames."""
-    gt, pr = _as_int_array(ground_truth), _as_int_array(predicted)
-    if len(gt) == 0:
-        return 0.5
-    if len(pr) == 0:
-        return 0.0
-    return float(np.mean(_nearest_distance(gt, pr) <= t))
+    return _share_within(ground_truth, predicted, t)
 
 
 def precision_rate(ground_truth: Sequence[int], predicted: Sequence[int], t: int) -> float:
     """One instance of precision@t: share of predictions within ``t`` frames of a ground-truth keypoint."""
-    gt, pr = _as_int_array(ground_truth), _as_int_array(predicted)
-    if len(pr) == 0:
-        return 0.5
-    if len(gt) == 0:
-        return 0.0
-    return float(np.mean(_nearest_distance(pr, gt) <= t))
+    return _share_within(predicted, ground_truth, t)
 
 
 def average_precision_at(instances: Iterable[tuple[Sequence[int], Sequence[int]]], t: int) -> float:
