@@ -157,3 +157,20 @@ def test_convert_command_line(tmp_path, capsys):
     assert main(["convert", "localizer", str(DATA / "tiny_localizer.pth"), str(tmp_path / "d.safetensors")]) == 0
     assert load_localizer(tmp_path / "d.safetensors").cfg.num_heads == 8  # 32 is not a multiple of 64: gcd(32, 8)
     assert main(["convert", "localizer", str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_real_size_layout_is_read_back_as_the_release_config():
+    # shapes of the released file (reference notes §A1/§A6), on the meta device: no memory
+    from avsync.loaders.localizer import config_from_state
+    from avsync.networks.imagebind_audio import LocalizerConfig
+    cfg = LocalizerConfig()
+    net_shapes = {
+        "imagebindMoodel.modality_preprocessors.audio.rgbt_stem.proj.weight": (768, 1, 16, 16),
+        "imagebindMoodel.modality_preprocessors.audio.pos_embedding_helper.pos_embed": (1, 1334, 768),
+        "linear1.weight": (48, 1334), "linear2.weight": (16, 768), "linear3.weight": (48, 768),
+    }
+    state = {k: torch.empty(s, device="meta") for k, s in net_shapes.items()}
+    for i in range(12):
+        state[f"imagebindMoodel.modality_trunks.audio.blocks.{i}.norm_1.weight"] = torch.empty(768, device="meta")
+    assert config_from_state(state) == cfg
+    assert cfg.num_tokens == 1334 and cfg.token_grid == (29, 46)
