@@ -130,12 +130,12 @@ class AVSyncAudioLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, audio_file, start, duration, sample_rate, fps, max_duration):
-        # Naming audio_file here turns off ComfyUI's "value not in list" check, so that
-        # a workflow whose 'audio' socket is connected runs without any file present.
-        msg = _check_widgets(start, duration, fps, sample_rate, max_duration)
-        if msg is not True:
-            return msg
+    def VALIDATE_INPUTS(cls, audio_file):
+        # Only audio_file is named here: ComfyUI reports a failure once per named input,
+        # and naming an input turns off its built-in min/max check. Naming audio_file
+        # turns off "value not in list", so a workflow whose 'audio' socket is connected
+        # runs without any file present. The numbers keep ComfyUI's range checks, and
+        # NaN (which passes them) is refused by load_audio before any decoding.
         if audio_file and audio_file != NO_FILE:
             try:
                 path = _resolve_input_file(audio_file)
