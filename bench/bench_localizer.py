@@ -16,9 +16,7 @@ Prints numbers and ratios measured in the same run:
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -1,8 +1,6 @@
 """The learned localizer: fbank front end vs torchaudio, converter + loader on the
 released key layout, parity with KeyVID's reference code, windowing without seams."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +9,12 @@ import torch
 
 from avsync.core.errors import MissingModelError, ModelFormatError
 from avsync.core.fbank import imagebind_input, kaldi_fbank
-from avsync.core.localize import (OUTPUT_STEP_SECONDS, WINDOW_SAMPLES, crossfade_weights, learned_curve, localize,
-                                  stitch_windows, window_starts)
+from avsync.core.localize import (OUTPUT_STEP_SECONDS, crossfade_weights, learned_curve, stitch_windows,
+                                  window_starts)
 from avsync.core.timeline import Timeline
 from avsync.loaders.localizer import convert_checkpoint, load_localizer
 from tests.factories.audio import chord, clicks
-from tests.factories.localizer import TINY, save_converted, save_release_pth
+from tests.factories.localizer import save_converted, save_release_pth
 
 DATA = Path(__file__).parent / "data" / "localizer"
 
