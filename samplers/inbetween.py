@@ -204,13 +204,22 @@ def encode_keyframes(image_encoder, vae, first01: torch.Tensor, last01: torch.Te
     """
     out = []
     enc_param = next(image_encoder.parameters())
-    vae_param = next(vae.parameters())
-    for img in (first01, last01):
-        pix = clip_pixels(img, mean, std).to(enc_param.device, enc_param.dtype)
-        embeds = image_encoder(pix).image_embeds.unsqueeze(1)
-        x = img * 2.0 - 1.0 + noise_aug_strength * aug_noise
-        latent = vae.encode(x.to(vae_param.device, vae_param.dtype)).latent_dist.mode()
-        out.append(KeyframeConditioning(embeds=embeds.float(), latent=latent.float()))
+    vae_dtype = next(vae.parameters()).dtype
+    # as SVD's pipeline does: an fp16 VAE whose config asks for it encodes in fp32
+    upcast = vae_dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        vae_param = next(vae.parameters())
+        for img in (first01, last01):
+            pix = clip_pixels(img, mean, std).to(enc_param.device, enc_param.dtype)
+            embeds = image_encoder(pix).image_embeds.unsqueeze(1)
+            x = img * 2.0 - 1.0 + noise_aug_strength * aug_noise
+            latent = vae.encode(x.to(vae_param.device, vae_param.dtype)).latent_dist.mode()
+            out.append(KeyframeConditioning(embeds=embeds.float(), latent=latent.float()))
+    finally:
+        if upcast:
+            vae.to(vae_dtype)
     return out[0], out[1]
 
 

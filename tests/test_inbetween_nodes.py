@@ -155,3 +155,19 @@ def test_cli_writes_an_mp4(tiny, tmp_path):
                "--out", str(out), "--models", str(tmp_path / "models"), "--svd", "missing.safetensors"])
     compat.set_models_dir(None)
     assert rc == 2
+
+
+def test_half_precision_runs_and_keeps_the_vae_dtype():
+    from tests.factories.svd import tiny_svd_model
+
+    model = tiny_svd_model(seed=0, dtype=torch.float16)
+    delta = random_delta(model.unet.module)
+    first, last = _images()
+    s = ib.InbetweenSettings(num_frames=3, width=64, height=64, steps=1, renoise_repeats=0)
+    fused = ib.generate_inbetween(model, first[0], last[-1], s, backward_weights=delta, seed=1, free_bytes=None,
+                                  return_latents=True)
+    two = ib.generate_inbetween(model, first[0], last[-1], ib.replace(s, execution="two_call"),
+                                backward_weights=delta, seed=1, free_bytes=None, return_latents=True)
+    assert fused.dtype == torch.float32 and torch.isfinite(fused).all()
+    assert ((fused - two).norm() / two.norm()) < 1e-2  # fp16 rounding only
+    assert next(model.vae.module.parameters()).dtype == torch.float16  # upcast for encoding, then back
