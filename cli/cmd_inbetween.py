@@ -82,31 +82,24 @@ def write_mp4(path, frames, fps) -> None:
 
 
 def _load_models(args):
-    """(svd_model, backward_weights) for the sampler, from file names in the model folders
-    or paths, with the loader functions (``loaders.svd``) the loader nodes use."""
-    from .. import compat
-    from ..core.errors import MissingModelError
-    from ..loaders import model_files
+    """(svd_model, backward_weights) for the sampler: names in the model folders go through the
+    loader nodes (AVSyncSVDLoader, AVSyncBackwardMotionLoader) as in a workflow; an existing
+    path is loaded with the loader functions those nodes call."""
     from ..loaders import svd as svd_loader
+    from .common import run_node
 
-    def find(name, specs):
-        p = Path(name) if name else None
-        if p is not None and p.exists():
-            return p
-        for spec in specs:
-            found = compat.find_model_file(spec.folder, name or spec.filename)
-            if found is not None:
-                return found
-        spec = specs[0]
-        raise MissingModelError(name or spec.filename, spec.folder,
-                                [d for s in specs for d in compat.model_folder_paths(s.folder)], spec.source)
-
-    svd_path = find(args.svd, [model_files.MODEL_FILES["svd_xt"], model_files.MODEL_FILES["svd_xt_diffusers"]])
-    model = svd_loader.load_svd(svd_path, args.precision)
+    if args.svd and Path(args.svd).exists():
+        model = svd_loader.load_svd(Path(args.svd), args.precision)
+    else:
+        (model,) = run_node("AVSyncSVDLoader", precision=args.precision,
+                            **({"model": args.svd} if args.svd else {}))
     backward = None
     if args.variant == "full":
-        backward = svd_loader.load_backward_delta(
-            find(args.backward, [model_files.MODEL_FILES["svd_backward_delta"]]))
+        if args.backward and Path(args.backward).exists():
+            backward = svd_loader.load_backward_delta(Path(args.backward))
+        else:
+            (backward,) = run_node("AVSyncBackwardMotionLoader",
+                                   **({"backward_weights": args.backward} if args.backward else {}))
     return model, backward
 
 
