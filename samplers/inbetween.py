@@ -422,11 +422,34 @@ class SamplingTrace:
     renoise_stds: list = field(default_factory=list)   # (step, repeat, std)
 
 
+# ComfyUI's SD1.x latent → RGB factors (comfy/latent_formats.py:SD15); SVD's VAE shares that
+# latent space. Rows: latent channels; columns: R, G, B.
+LATENT_RGB_FACTORS = torch.tensor([
+    [0.3512, 0.2297, 0.3227],
+    [0.3250, 0.4974, 0.2350],
+    [-0.2829, 0.1762, 0.2721],
+    [-0.2120, -0.2616, -0.7177],
+])
+
+
+def latent_preview(x0_frame: torch.Tensor, max_size: int = 512):
+    """A cheap RGB preview of one denoised latent frame ``[4, h, w]``, in the form ComfyUI's
+    progress bar shows: ``("JPEG", PIL image, max size)``."""
+    from PIL import Image
+
+    rgb = x0_frame.float().cpu().permute(1, 2, 0) @ LATENT_RGB_FACTORS
+    rgb = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    return ("JPEG", Image.fromarray(rgb), max_size)
+
+
 @torch.no_grad()
 def sample_latents(evaluate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape, settings: InbetweenSettings,
                    noise: NoiseSource, device, initial: Optional[torch.Tensor] = None,
-                   progress: Optional[compat.Progress] = None, trace: Optional[SamplingTrace] = None) -> torch.Tensor:
+                   progress: Optional[compat.Progress] = None, trace: Optional[SamplingTrace] = None,
+                   preview: bool = False) -> torch.Tensor:
     """Euler on Karras σ with per-step re-noise-and-repeat; returns float32 latents ``[F, 4, h, w]``.
+
+    ``preview``: hand the progress bar an RGB preview of the middle frame's denoised estimate.
 
     ``initial``: unit-variance initial noise (drawn from ``noise`` when None); it is
     scaled by √(σ_max²+1) as diffusers' ``init_noise_sigma`` does.
@@ -443,7 +466,8 @@ def sample_latents(evaluate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         v = evaluate(x, s)
         trace.evaluations += 1
         if progress is not None:
-            progress.update(1)
+            shown = latent_preview(edm.denoised_from_v(v[v.shape[0] // 2], x[x.shape[0] // 2], s)) if preview else None
+            progress.update(1, preview=shown)
         return edm.euler_step(x, v, s, s_next)
 
     for i in range(settings.steps):
@@ -675,7 +699,7 @@ def generate_inbetween(svd, first_image: torch.Tensor, last_image: torch.Tensor,
         inputs = build_branch_inputs(c_first, c_last, settings, device, _unet_dtype(unet))
         evaluate = make_evaluator(unet, inputs, settings, backward_weights)
         latents = sample_latents(evaluate, shape, settings, noise, device, initial=initial, progress=progress,
-                                 trace=trace)
+                                 trace=trace, preview=compat.in_comfyui())
         svd.unet.offload()
         if return_latents:
             return latents

@@ -269,3 +269,25 @@ def test_memory_check_stops_with_suggestions():
         ib.check_memory(d, lambda s: _real_estimate(s, torch.float32), free_bytes=8 * 2 ** 30,
                         model_dtype=torch.float32)
     ib.check_memory(d, _real_estimate, free_bytes=None, model_dtype=torch.float16)  # unknown: no check
+
+
+def test_latent_preview_hand_values_and_progress_hand_off():
+    x0 = torch.zeros(4, 2, 3)
+    x0[0] = 1.0  # channel 0 only: RGB = (1 + factors[0]) / 2
+    kind, img, size = ib.latent_preview(x0)
+    assert kind == "JPEG" and size == 512 and img.size == (3, 2)
+    want = [round((1 + f) / 2 * 255) for f in (0.3512, 0.2297, 0.3227)]
+    assert list(img.getpixel((0, 0))) == want
+
+    class _Bar:
+        def __init__(self):
+            self.previews = []
+
+        def update(self, n=1, preview=None):
+            self.previews.append(preview)
+
+    bar = _Bar()
+    s = ib.InbetweenSettings(num_frames=3, steps=2, renoise_repeats=0)
+    ib.sample_latents(lambda x, sigma: torch.zeros_like(x), (3, 4, 2, 2), s, ib.SeededNoise(0), "cpu",
+                      progress=bar, preview=True)
+    assert len(bar.previews) == 2 and all(p[0] == "JPEG" for p in bar.previews)
