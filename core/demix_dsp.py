@@ -1,0 +1,249 @@
+"""A weights-free speech / effects / music separator (the Demixer's ``dsp`` method).
+
+It works on one STFT of the clip and splits every time-frequency bin between the
+three stems with soft masks that sum to one, from four cues:
+
+1. **Harmonic / percussive separation with a margin** (Fitzgerald 2010; Driedger,
+   Müller & Disch 2014): a median over time keeps what is steady in time
+   (harmonic), a median over frequency keeps what is broadband and short
+   (percussive); with a margin > 1 a bin must beat the other estimate by that
+   factor, the rest is a *residual* (noise-like, neither).
+2. **Speech-band syllabic modulation**: in 100–4000 Hz, a bin whose non-percussive
+   envelope is deeply modulated at the syllable rate (3–8 Hz, most of its modulation
+   energy there rather than spread over all rates as an isolated hit's is) is taken
+   as speech. Sustained notes and chords have little modulation; impacts have
+   broadband modulation and are mostly removed by the percussive mask first.
+3. **Centre / side** (stereo only): dialogue is mixed to the centre, so a bin whose
+   left and right are incoherent or out of phase is unlikely to be speech.
+4. **Stationarity**: what is harmonic and not speech is music; what is percussive,
+   or residual and not speech, is effects.
+
+``speech = S * (H + R)``, ``music = (1 - S) * H``, ``effects = P + (1 - S) * R``
+per bin (``S`` speech likelihood, ``H + P + R = 1``), so the masks sum to one. The
+speech and music stems are inverted from the masked STFT; the effects stem is
+``input - speech - music``, so the three stems add back to the input to float
+precision by construction.
+
+Limits (it separates by signal shape, not by meaning): voiced speech with little
+modulation leaks into music and consonants / plosives into effects; drums and
+plucked notes go to effects; sustained or pitched effects (engines, hum, sirens,
+beeps) go to music; music whose notes change 3–8 times a second can be taken as
+speech; reverb tails and ambiences are split between stems; mono and multichannel
+input get no centre cue. Use a neural model where quality matters; the timing of
+the effects stem (what the KeyframeLocalizer needs) is what this method is for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .stft import bin_frequencies, hann, istft, stft
+
+STEMS = ("speech", "effects", "music")
+
+
+@dataclass(frozen=True)
+class DSPDemixConfig:
+    window_seconds: float = 0.046        # STFT window (rounded to a power of two in samples)
+    hop_fraction: float = 0.25
+    harmonic_kernel_seconds: float = 0.1  # median over time
+    percussive_kernel_hz: float = 400.0   # median over frequency
+    stationary_kernel_seconds: float = 1.5  # long window over time: the music bed ...
+    stationary_quantile: float = 0.2        # ... is a low percentile there (minimum statistics)
+    margin: float = 0.3                   # weight of the percussive estimate against the others
+    power: float = 2.0                    # soft-mask exponent (Wiener-like)
+    speech_band_hz: tuple = (100.0, 4000.0)
+    syllable_band_hz: tuple = (3.0, 8.0)
+    envelope_smoothing_hz: float = 150.0  # smooth envelopes across frequency (pitch jitter)
+    modulation_window_seconds: float = 0.5
+    depth_threshold: float = 0.2          # modulation depth (std / mean) where speech evidence is 1/2
+    ratio_threshold: float = 0.25         # share of modulation energy in the syllable band at 1/2
+    centre_cue: bool = True
+
+
+DEFAULT_CONFIG = DSPDemixConfig()
+
+
+def stft_size(sample_rate: int, config: DSPDemixConfig = DEFAULT_CONFIG) -> tuple[int, int]:
+    """``(n_fft, hop)``: the window closest to ``window_seconds`` that is a power of two."""
+    n_fft = 2 ** max(6, int(round(math.log2(config.window_seconds * sample_rate))))
+    return n_fft, max(1, int(n_fft * config.hop_fraction))
+
+
+def _rank_filter(x: torch.Tensor, k: int, dim: int, quantile: float = 0.5) -> torch.Tensor:
+    """The ``quantile`` (0.5: median) over a centred window of ``k`` (odd) along ``dim``
+    of a 2-D tensor, edges replicated."""
+    if k <= 1:
+        return x
+    y = x if dim == 1 else x.transpose(0, 1)
+    y = F.pad(y.unsqueeze(0), (k // 2, k // 2), mode="replicate")[0].unfold(1, k, 1)
+    rank = min(k, max(1, int(round(quantile * (k - 1))) + 1))
+    y = y.median(dim=-1).values if rank == k // 2 + 1 else y.kthvalue(rank, dim=-1).values
+    return y if dim == 1 else y.transpose(0, 1).contiguous()
+
+
+def _odd(n: float) -> int:
+    n = max(1, int(round(n)))
+    return n if n % 2 else n + 1
+
+
+def _softmask(x: torch.Tensor, ref: torch.Tensor, power: float) -> torch.Tensor:
+    """``x^p / (x^p + ref^p)``, 1/2 where both are zero (librosa's ``softmask``)."""
+    z = torch.maximum(x, ref)
+    tiny = torch.finfo(x.dtype).tiny
+    safe = z > tiny
+    xn = torch.where(safe, x / z.clamp_min(tiny), torch.ones_like(x))
+    rn = torch.where(safe, ref / z.clamp_min(tiny), torch.ones_like(x))
+    xp, rp = xn.pow(power), rn.pow(power)
+    return xp / (xp + rp)
+
+
+def hpss_masks(mag: torch.Tensor, time_kernel: int, freq_kernel: int, margin: float, power: float):
+    """Harmonic, percussive and residual masks (sum to one) of a ``[F, N]`` magnitude."""
+    harm = _rank_filter(mag, time_kernel, dim=1)
+    perc = _rank_filter(mag, freq_kernel, dim=0)
+    m_h = _softmask(harm, perc * margin, power)
+    m_p = _softmask(perc, harm * margin, power)
+    return m_h, m_p, (1.0 - m_h - m_p).clamp_min(0.0)
+
+
+def _bandpass_fir(frame_rate: float, low: float, high: float, seconds: float = 1.0) -> torch.Tensor:
+    """A Hann-windowed sinc band-pass over envelope frames (zero gain at DC)."""
+    n = _odd(seconds * frame_rate)
+    t = (torch.arange(n, dtype=torch.float64) - n // 2) / frame_rate
+    hi = min(high, 0.45 * frame_rate)
+    lo = min(low, hi * 0.5)
+
+    def lowpass(fc):
+        return 2 * fc * torch.special.sinc(2 * fc * t)
+
+    win = torch.hann_window(n + 2, periodic=False, dtype=torch.float64)[1:-1]
+    h = (lowpass(hi) - lowpass(lo)) / frame_rate * win
+    h = h - h.sum() * win / win.sum()  # exactly zero gain at DC: a steady envelope gives no syllabic energy
+    return h.float()
+
+
+def _smooth_time(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Moving average over ``n`` frames (odd), edges replicated, of ``[F, N]``."""
+    if n <= 1:
+        return x
+    y = F.pad(x.unsqueeze(0), (n // 2, n // 2), mode="replicate")
+    return F.avg_pool1d(y, n, stride=1)[0]
+
+
+def _smooth_freq(x: torch.Tensor, n: int) -> torch.Tensor:
+    return _smooth_time(x.transpose(0, 1), n).transpose(0, 1) if n > 1 else x
+
+
+def speech_likelihood(mag: torch.Tensor, freqs: torch.Tensor, frame_rate: float,
+                      config: DSPDemixConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """Per-bin speech evidence in [0, 1] from syllabic modulation of ``[F, N]`` envelopes."""
+    bin_hz = float(freqs[1] - freqs[0]) if len(freqs) > 1 else 1.0
+    env = _smooth_freq(mag, _odd(config.envelope_smoothing_hz / bin_hz))
+    fir = _bandpass_fir(frame_rate, *config.syllable_band_hz).to(mag)
+    k = fir.numel()
+    padded = F.pad(env.unsqueeze(1), (k // 2, k // 2), mode="replicate" if env.shape[1] > 1 else "constant")
+    band = F.conv1d(padded, fir.flip(0).view(1, 1, -1))[:, 0]
+    w = _odd(config.modulation_window_seconds * frame_rate)
+    mean = _smooth_time(env, w)
+    syllabic = _smooth_time(band.square(), w)
+    total = _smooth_time((env - mean).square(), w)
+    eps = 1e-8 * float(mag.max().clamp_min(1e-20))
+    depth = (2.0 * syllabic).sqrt() / (mean + eps)
+    ratio = syllabic / (total + eps ** 2 + 1e-30)
+    s = torch.sigmoid((depth - config.depth_threshold) / (0.25 * config.depth_threshold)) * \
+        torch.sigmoid((ratio - config.ratio_threshold) / 0.08)
+    lo, hi = config.speech_band_hz
+    octave_in = torch.clamp(torch.log2(freqs.clamp_min(1.0) / lo) + 0.5, 0.0, 1.0)   # half-octave fade-in
+    octave_out = torch.clamp(torch.log2(hi / freqs.clamp_min(1.0)) + 0.5, 0.0, 1.0)  # half-octave fade-out
+    return s * (octave_in * octave_out).to(s).unsqueeze(1)
+
+
+def centre_likelihood(spec: torch.Tensor) -> torch.Tensor:
+    """Stereo ``[2, F, N]`` → [0, 1]: 1 where left and right are equal (centre-panned),
+    0 where they are uncorrelated or opposite. Power-weighted over a small neighbourhood."""
+    l, r = spec[0], spec[1]
+    mid = (l + r).abs().square()
+    side = (l - r).abs().square()
+    c = (mid - side) / (mid + side + torch.finfo(mid.dtype).tiny)  # 1 centre, 0 uncorrelated, -1 anti-phase
+    return c.clamp(0.0, 1.0)
+
+
+def _time_pool(x: torch.Tensor, q: int) -> torch.Tensor:
+    if q <= 1:
+        return x
+    return F.avg_pool1d(x.unsqueeze(0), q, stride=q, ceil_mode=True)[0]
+
+
+def _time_unpool(x: torch.Tensor, n: int) -> torch.Tensor:
+    if x.shape[1] == n:
+        return x
+    return F.interpolate(x.unsqueeze(0), size=n, mode="linear", align_corners=False)[0]
+
+
+def stem_masks(spec: torch.Tensor, sample_rate: int, hop: int, config: DSPDemixConfig = DEFAULT_CONFIG):
+    """Speech and music masks ``[F, N]`` (effects is one minus both) for a ``[C, F, N]`` STFT.
+
+    Three magnitude estimates compete per bin through Wiener-style soft masks:
+    effects = the percussive (frequency-median) estimate; music = the stationary
+    part (a long time-median, a plain form of repetition-based background
+    estimation) plus non-stationary harmonic energy without speech evidence; speech
+    = non-stationary harmonic energy with speech evidence.
+    """
+    n_fft = 2 * (spec.shape[-2] - 1)
+    mag = (spec.real.square() + spec.imag.square()).mean(0).sqrt()
+    n_frames = mag.shape[1]
+    frame_rate = sample_rate / hop
+    bin_hz = sample_rate / n_fft
+    harm = _rank_filter(mag, _odd(config.harmonic_kernel_seconds * frame_rate), dim=1)
+    perc = _rank_filter(mag, _odd(config.percussive_kernel_hz / bin_hz), dim=0)
+    # the stationary bed: a long median on a time-pooled grid (it is smooth in time anyway)
+    q = max(1, int(round(frame_rate * config.stationary_kernel_seconds / 11)))
+    pooled = _time_pool(mag, q)
+    stationary = _time_unpool(_rank_filter(pooled, _odd(config.stationary_kernel_seconds * frame_rate / q), dim=1,
+                                            quantile=config.stationary_quantile),
+                              n_frames)
+    stationary = torch.minimum(stationary, harm)
+    moving = harm - stationary
+    freqs = torch.arange(mag.shape[0], dtype=torch.float32) * bin_hz
+    s = speech_likelihood(moving, freqs, frame_rate, config)
+    if config.centre_cue and spec.shape[0] == 2:
+        s = s * centre_likelihood(spec)
+    e_speech = s * moving
+    e_music = stationary + (1.0 - s) * moving
+    e_fx = perc * config.margin
+    p = config.power
+    z = torch.stack([e_speech, e_music, e_fx]).clamp_min(0.0)
+    z = z / z.amax(0, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    z = z.pow(p)
+    masks = z / z.sum(0, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    return masks[0], masks[1]
+
+
+def demix_dsp(waveform: torch.Tensor, sample_rate: int, config: DSPDemixConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """Split ``[C, T]`` into ``[3, C, T]`` stems in :data:`STEMS` order (speech, effects,
+    music); the stems sum to the input to float precision."""
+    if waveform.dim() != 2:
+        raise ValueError(f"waveform must be [C, T], got {tuple(waveform.shape)}")
+    x = waveform.float()
+    c, t = x.shape
+    out = torch.zeros(3, c, t, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return out
+    n_fft, hop = stft_size(sample_rate, config)
+    if t < 2 or not bool(x.abs().max() > 0):
+        # nothing to separate (a single sample has no spectrum; silence has no content): all of it is effects
+        out[1] = x
+        return out
+    window = hann(n_fft, x)
+    spec = stft(x, n_fft, hop, window)
+    m_speech, m_music = stem_masks(spec, sample_rate, hop, config)
+    out[0] = istft(spec * m_speech, n_fft, hop, t, window)
+    out[2] = istft(spec * m_music, n_fft, hop, t, window)
+    out[1] = x - out[0] - out[2]
+    return out

@@ -1,0 +1,157 @@
+"""Demix model files: the released MRX checkpoints, their conversion to safetensors,
+and loading them into :class:`~avsync.networks.mrx.MRX`.
+
+A converted file is a safetensors ``state_dict`` in the released key layout, with
+metadata ``avsync_family`` (``"mrx"``) and ``avsync_config`` (the JSON of
+:class:`~avsync.networks.mrx.MRXConfig`, which holds what the tensors cannot tell:
+the hop, the sample rate and the source order). Pickled checkpoints are read only by
+:func:`convert_checkpoint`, with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import compat
+from ..core.errors import ModelFormatError
+from .model_files import ModelFileSpec, register
+
+FOLDER = "avsync_demix"
+FAMILIES = ("mrx",)
+
+_REPO = "https://github.com/merlresearch/cocktail-fork-separation"
+_RELEASED = {
+    # key: (released file, sha256 of the released .pth (git LFS pointer), size, what it is)
+    "mrx_default": ("default_mrx_pre_trained_weights.pth",
+                    "9cecc071c9e58afda34d1a98609a1540f61320e718bafecc4c9c1c5e3ed20a0c", 122317463,
+                    "MRX trained on Divide and Remaster with an SNR loss (output level matches the mixture)."),
+    "mrx_adapted_loudness": ("adapted_loudness_mrx_pre_trained_weights.pth",
+                             "4bc4eabf554cf980d3328a2c45452c47beca1ca76324d75583e7587377dce409", 122317657,
+                             "MRX adapted to real film stems by loudness-normalising DnR stems (SDX23 CDX)."),
+    "mrx_adapted_eq": ("adapted_eq_mrx_pre_trained_weights.pth",
+                       "e49928fce323b6da017373b7c833dde13c957abd4dbfd002c556ed0a64f29b55", 122317657,
+                       "MRX adapted to real film stems by equalising DnR stems (SDX23 CDX)."),
+    "mrx_paper": ("paper_mrx_pre_trained_weights.pth",
+                  "e206fe97739a1fd5ba66d2a4a1e3f68c16f0e3eb8cb7b25ec93d53e7b429f58f", 122316769,
+                  "MRX as in the ICASSP paper (SI-SDR loss: output level does NOT match the mixture)."),
+}
+
+SPECS: dict[str, ModelFileSpec] = {}
+for _key, (_file, _sha, _size, _desc) in _RELEASED.items():
+    SPECS[_key] = register(ModelFileSpec(
+        key=_key,
+        filename=f"{_key}.safetensors",
+        folder=FOLDER,
+        source=(f"{_REPO}/raw/main/checkpoints/{_file} (git LFS, MIT; .pth sha256 {_sha}), then "
+                f"`avsync convert demix {_file} {_key}.safetensors`"),
+        description=_desc + " Speech / music / effects at 44.1 kHz.",
+        size=f"{_size / 1e6:.0f} MB",
+    ))
+DEFAULT_KEY = "mrx_default"
+
+
+@dataclass
+class DemixModel:
+    """What ``AVSYNC_DEMIX_MODEL`` carries: the managed network and how to call it."""
+
+    family: str
+    managed: "compat.ManagedModel"
+    sample_rate: int
+    source_names: tuple          # the network's output order
+    min_length: int              # shortest input (samples at sample_rate) the network accepts
+    name: str = ""
+
+    def stem_index(self, stem: str) -> int:
+        """Index of AVSync's stem (speech / effects / music) in the network's output."""
+        aliases = {"speech": ("speech", "dialog", "dialogue", "vocals"), "effects": ("sfx", "effects", "effect"),
+                   "music": ("music",)}[stem]
+        for i, n in enumerate(self.source_names):
+            if n.lower() in aliases:
+                return i
+        raise ModelFormatError(f"{self.name}: model has no {stem} source (its sources: {', '.join(self.source_names)})")
+
+
+def _strip_prefixes(sd: dict) -> dict:
+    """Released ``.pth`` files are plain state dicts; a Lightning ``.ckpt`` from the
+    reference training script nests them in ``state_dict`` with a ``model.`` prefix."""
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if all(k.startswith("model.") for k in sd):
+        sd = {k[len("model."):]: v for k, v in sd.items()}
+    return sd
+
+
+def convert_checkpoint(src: str | Path, dst: str | Path, family: str = "mrx", hop: int = 256,
+                       sample_rate: int = 44100, source_names: Optional[list] = None) -> Path:
+    """Read a released pickled checkpoint (``weights_only=True``), check it builds the
+    network, and write safetensors with the config in the metadata."""
+    from safetensors.torch import save_file
+
+    from ..networks.mrx import MRX, config_from_state_dict
+
+    if family not in FAMILIES:
+        raise ModelFormatError(f"unknown demix family {family!r}; known: {', '.join(FAMILIES)}")
+    src, dst = Path(src), Path(dst)
+    try:
+        raw = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelFormatError(f"{src}: cannot read as a weights-only torch checkpoint ({err})") from None
+    if not isinstance(raw, dict):
+        raise ModelFormatError(f"{src}: expected a state dict, got {type(raw).__name__}")
+    sd = {k: v for k, v in _strip_prefixes(raw).items() if isinstance(v, torch.Tensor)}
+    try:
+        cfg = config_from_state_dict(sd, n_hop=hop, sample_rate=sample_rate)
+    except (KeyError, IndexError) as err:
+        raise ModelFormatError(f"{src}: not an MRX state dict (missing {err})") from None
+    if source_names:
+        cfg.source_names = list(source_names)
+    net = MRX(cfg)
+    _load_strict(net, sd, src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(dst),
+              metadata={"avsync_family": family, "avsync_config": json.dumps(cfg.to_dict())})
+    return dst
+
+
+def _load_strict(net: torch.nn.Module, sd: dict, path) -> None:
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ModelFormatError(f"{path}: does not match the {type(net).__name__} layout "
+                               f"(missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+
+
+def load_demix_model(path: str | Path) -> DemixModel:
+    """Build the network of a converted demix file (safetensors only)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..networks.mrx import MRX, MRXConfig, config_from_state_dict
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ModelFormatError(f"{path}: demix models are loaded from .safetensors only; convert a released "
+                               f"checkpoint once with `avsync convert demix {path.name} {path.stem}.safetensors`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        sd = load_file(str(path))
+    except Exception as err:
+        raise ModelFormatError(f"{path}: not a readable safetensors file ({err})") from None
+    family = meta.get("avsync_family", "mrx")
+    if family not in FAMILIES:
+        raise ModelFormatError(f"{path}: demix family {family!r} is not supported (known: {', '.join(FAMILIES)})")
+    if "avsync_config" in meta:
+        cfg = MRXConfig(**json.loads(meta["avsync_config"]))
+    else:  # converted by another tool: shapes give the architecture, the hop is the released default
+        cfg = config_from_state_dict(sd)
+    net = MRX(cfg)
+    _load_strict(net, sd, path)
+    net.eval().requires_grad_(False)
+    managed = compat.manage_model(net, {"file": str(path), "family": family, "config": cfg.to_dict()})
+    return DemixModel(family=family, managed=managed, sample_rate=cfg.sample_rate,
+                      source_names=tuple(cfg.source_names), min_length=net.min_length, name=path.name)

@@ -1,0 +1,117 @@
+"""Demixer nodes: split audio into speech, effects and music (MTV's three control tracks)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import compat
+from ..core.audio import check_audio, make_audio
+from ..core.errors import InputError
+from .sockets import AUDIO, DEMIX_MODEL
+
+METHODS = ("auto", "dsp", "model")
+MAX_CHUNK_SECONDS = 600.0
+
+
+class AVSyncDemixModelLoader:
+    DESCRIPTION = ("Loads a speech / effects / music separation model (MRX from the Cocktail Fork paper, converted "
+                   "to safetensors with `avsync convert demix`) from the avsync_demix model folder, for AVSyncDemixer.")
+    CATEGORY = "AVSync/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (DEMIX_MODEL,)
+    RETURN_NAMES = ("demix_model",)
+    OUTPUT_TOOLTIPS = ("The demix network with its sample rate and source order, managed by ComfyUI's model "
+                       "memory management.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..loaders.demix import DEFAULT_KEY, FOLDER, SPECS
+
+        found = compat.list_model_files(FOLDER, (".safetensors",))
+        files = sorted(set(found) | {s.filename for s in SPECS.values()})
+        return {"required": {"model_name": (files, {"default": SPECS[DEFAULT_KEY].filename, "tooltip":
+                "Converted demix model in models/avsync/demix (avsync_demix folder). Listed names that are not "
+                "there yet fail with instructions on where to get and how to convert them."})}}
+
+    def load(self, model_name):
+        from ..loaders.demix import FOLDER, SPECS, load_demix_model
+        from ..loaders.model_files import resolve
+
+        spec = next((s for s in SPECS.values() if s.filename == model_name), None)
+        path = resolve(spec, model_name) if spec is not None else compat.find_model_file(FOLDER, model_name)
+        if path is None:
+            raise InputError("model_name", f"'{model_name}' is not in the {FOLDER} model folder")
+        return (load_demix_model(path),)
+
+
+class AVSyncDemixer:
+    DESCRIPTION = ("Splits audio into speech, effects and music tracks (as MTV drives lip motion, event timing and "
+                   "mood from them). Without a model it uses a signal-processing separator (harmonic/percussive "
+                   "split, syllabic-modulation speech detection, stereo centre cue) that is approximate but keeps "
+                   "event timing; with a demix model it runs the network. Outputs have the input's rate, length "
+                   "and channels; the dsp stems add up to the input exactly.")
+    CATEGORY = "AVSync/audio"
+    FUNCTION = "demix"
+    RETURN_TYPES = (AUDIO, AUDIO, AUDIO)
+    RETURN_NAMES = ("speech", "effects", "music")
+    OUTPUT_TOOLTIPS = (
+        "Dialogue and other speech (drives lip motion).",
+        "Sound effects: impacts, foley, ambience (drives event timing; feed it to AVSyncKeyframeLocalizer).",
+        "Music (drives visual mood).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "audio": (AUDIO, {"tooltip": "The soundtrack to split (any rate, any number of channels)."}),
+                "method": (list(METHODS), {"default": "auto", "tooltip":
+                           "auto: the connected demix model, else dsp. dsp: the weights-free separator. "
+                           "model: the connected demix model (an error if none is connected)."}),
+                "chunk_seconds": ("FLOAT", {"default": 20.0, "min": 1.0, "max": MAX_CHUNK_SECONDS, "step": 0.5,
+                                  "tooltip": "Audio is processed in chunks of this length so long files use "
+                                             "bounded memory; longer chunks give a model more context."}),
+                "overlap": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 0.5, "step": 0.01, "tooltip":
+                            "Fraction of a chunk shared with the next one and cross-faded, hiding chunk edges."}),
+            },
+            "optional": {
+                "demix_model": (DEMIX_MODEL, {"tooltip": "A model from AVSyncDemixModelLoader; used by 'auto' "
+                                              "and 'model'."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, method="auto", chunk_seconds=20.0, overlap=0.1):
+        if method not in METHODS:
+            return f"method: must be one of {', '.join(METHODS)}, got {method!r}"
+        if not 1.0 <= float(chunk_seconds) <= MAX_CHUNK_SECONDS:
+            return f"chunk_seconds: must be between 1 and {MAX_CHUNK_SECONDS:g}, got {chunk_seconds}"
+        if not 0.0 <= float(overlap) <= 0.5:
+            return f"overlap: must be between 0 and 0.5, got {overlap}"
+        return True
+
+    def demix(self, audio, method="auto", chunk_seconds=20.0, overlap=0.1, demix_model=None):
+        from ..samplers.demix import demix
+
+        wav, sr = check_audio(audio, "audio", allow_batch=True)
+        if wav.shape[-1] < 1:
+            raise InputError("audio", "is empty (0 samples)")
+        if method == "model" and demix_model is None:
+            raise InputError("demix_model", "method 'model' needs a demix model: connect AVSyncDemixModelLoader, "
+                                            "or choose method 'dsp'")
+        msg = self.VALIDATE_INPUTS(method, chunk_seconds, overlap)
+        if msg is not True:
+            raise InputError(msg.split(":")[0], msg.split(": ", 1)[1])
+        stems = torch.stack([demix(w, sr, method, demix_model, chunk_seconds, overlap) for w in wav], dim=1)
+        device = compat.intermediate_device()
+        return tuple(make_audio(s.to(device), sr) for s in stems)
+
+
+NODE_CLASS_MAPPINGS = {
+    "AVSyncDemixer": AVSyncDemixer,
+    "AVSyncDemixModelLoader": AVSyncDemixModelLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "AVSyncDemixer": "AVSync Demixer (speech / effects / music)",
+    "AVSyncDemixModelLoader": "AVSync Demix Model Loader",
+}
