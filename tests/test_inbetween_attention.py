@@ -17,24 +17,7 @@ from avsync.networks.temporal_attention import (
     temporal_self_attention_layers,
 )
 from avsync.samplers import inbetween as ib
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: oversubscribed intra-op threads make tiny models several times slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from tests.factories.svd import tiny_svd_model
-    from tests.test_inbetween_nodes import random_delta
-
-    model = tiny_svd_model(seed=0)
-    return model, random_delta(model.unet.module)
+from tests.test_inbetween_nodes import _one_thread, tiny  # noqa: F401  (shared fixtures)
 
 
 # --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ SMALL = dict(frames=3, width=64, height=64, steps=2, cfg=2.0, seed=3, renoise_re
 
 @pytest.fixture(autouse=True)
 def _one_thread():
+    # 2 shared cores: oversubscribed intra-op threads make tiny models several times slower
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -13,16 +13,9 @@ import torch
 from avsync.core.errors import InputError
 from avsync.samplers import edm
 from avsync.samplers import inbetween as ib
+from tests.test_inbetween_nodes import _one_thread  # noqa: F401  (shared fixture)
 
 DATA = Path(__file__).parent / "data" / "inbetween"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
