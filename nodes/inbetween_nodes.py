@@ -126,9 +126,6 @@ class AVSyncDualDirectionalSampler:
             raise InputError("svd_model", "expected an SVD model from AVSyncSVDLoader")
         first = _keyframe(first_image, "first_image", 0)
         last = _keyframe(last_image, "last_image", -1)
-        if variant == "full" and backward_weights is None:
-            raise InputError("backward_weights", "variant 'full' needs backward-motion weights: connect "
-                                                 "AVSyncBackwardMotionLoader, or choose variant 'no_finetune' or 'trf'")
         weights = backward_weights if variant == "full" else None
         out = generate_inbetween(svd_model, first, last, settings, backward_weights=weights, seed=int(seed))
         return (out,)

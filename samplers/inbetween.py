@@ -309,6 +309,12 @@ def rotated_layer(variant: str, layer: str) -> bool:
     return False
 
 
+def require_backward_weights(variant: str, weights) -> None:
+    if variant == "full" and weights is None:
+        raise InputError("backward_weights", "the 'full' variant needs backward-motion weights "
+                                             "(connect AVSyncBackwardMotionLoader, or pick variant 'no_finetune' or 'trf')")
+
+
 def _unet_dtype(unet) -> torch.dtype:
     return next(unet.parameters()).dtype
 
@@ -317,9 +323,7 @@ class DualDirectionEvaluator:
     """Base: turns x at σ into the fused v (CFG per branch, flip back, fuse)."""
 
     def __init__(self, unet, inputs: BranchInputs, variant: str, backward_weights=None):
-        if variant == "full" and backward_weights is None:
-            raise InputError("backward_weights", "the 'full' variant needs backward-motion weights "
-                                                 "(connect AVSyncBackwardMotionLoader, or pick variant 'no_finetune' or 'trf')")
+        require_backward_weights(variant, backward_weights)
         self.unet = unet
         self.inputs = inputs
         self.variant = variant
@@ -662,9 +666,7 @@ def generate_inbetween(svd, first_image: torch.Tensor, last_image: torch.Tensor,
     the memory check.
     """
     settings.validate()
-    if settings.variant == "full" and backward_weights is None:
-        raise InputError("backward_weights", "the 'full' variant needs backward-motion weights "
-                                             "(connect AVSyncBackwardMotionLoader, or pick variant 'no_finetune' or 'trf')")
+    require_backward_weights(settings.variant, backward_weights)
     noise = noise if noise is not None else SeededNoise(seed)
     dtype = getattr(svd, "dtype", torch.float32)
     unet_m, vae_m, enc_m = svd.unet.module, svd.vae.module, svd.image_encoder.module
