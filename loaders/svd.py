@@ -652,8 +652,12 @@ def _indices(keys, pattern: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
 
 
-def infer_unet_config(ldm: Mapping[str, torch.Tensor], head_dim: int = SVD_UNET_HEAD_DIM) -> dict:
-    """diffusers UNet config from an ldm SVD UNet state dict (prefix removed)."""
+def infer_unet_config(ldm: Mapping[str, torch.Tensor], head_dim: Optional[int] = SVD_UNET_HEAD_DIM) -> dict:
+    """diffusers UNet config from an ldm SVD UNet state dict (prefix removed).
+
+    ``head_dim`` None gives one head per block: enough for key names and shapes (they do not
+    depend on the head count), not for running the network.
+    """
     keys = list(ldm)
     if "input_blocks.0.0.weight" not in ldm or not any(".time_stack." in k for k in keys):
         raise ModelFormatError("not an SVD UNet: no input_blocks.0.0 / time_stack tensors")
@@ -667,6 +671,9 @@ def infer_unet_config(ldm: Mapping[str, torch.Tensor], head_dim: int = SVD_UNET_
     has_attn = [f"input_blocks.{1 + (L + 1) * x}.1.proj_in.weight" in ldm for x in range(levels)]
     heads = []
     for c in channels:
+        if head_dim is None:
+            heads.append(1)
+            continue
         if c % head_dim:
             raise ModelFormatError(f"SVD UNet: width {c} is not a multiple of the head width {head_dim}")
         heads.append(c // head_dim)
@@ -1066,7 +1073,7 @@ def read_unet_state_dict(path) -> Mapping[str, torch.Tensor]:
         state = _load_pickled(path)
     if any(k.startswith(UNET_PREFIX) for k in state):
         ldm = _prefixed(state, UNET_PREFIX)
-        cfg = infer_unet_config(ldm)
+        cfg = infer_unet_config(ldm, head_dim=None)  # only names are needed here
         key_map = svd_unet_key_map(_build_unet(cfg).state_dict().keys(), cfg["layers_per_block"])
         _check_mapped_keys(ldm, key_map.values(), f"{path.name} (model.diffusion_model.*)")
         return _Renamed(ldm, key_map)

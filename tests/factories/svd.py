@@ -177,3 +177,32 @@ def save_tiny_backward_delta(path, base_seed: int = 0, seed: int = 1, scale: flo
     ft, base, _ = finetuned_unet_state(base_seed, seed, scale)
     delta = svd_loader.compute_backward_delta(ft, base)
     return svd_loader.save_backward_delta(delta, path, dtype=dtype), delta
+
+
+def seeded_ldm_weights(key_shapes: dict, seed: int) -> dict:
+    """Random weights for an ldm-layout state dict, defined by key names, shapes and a seed only
+    (independent of any library's initialisation), so that a parity fixture needs to store no weights.
+
+    Keys are visited in sorted order, each drawing ``randn(shape)`` from one generator, then scaled:
+    tensors with 2+ dims by 1/sqrt(fan_in) (fan_in = product of all dims but the first); 1-dim
+    ``*.weight`` tensors (norm scales) become 1 + 0.1*x; other 1-dim tensors (biases) 0.1*x;
+    ``mix_factor`` stays x.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k in sorted(key_shapes):
+        shape = tuple(key_shapes[k])
+        x = torch.randn(shape, generator=g)
+        if len(shape) >= 2:
+            fan_in = 1
+            for s in shape[1:]:
+                fan_in *= s
+            x = x / fan_in ** 0.5
+        elif k.endswith("mix_factor"):
+            pass
+        elif k.endswith(".weight"):
+            x = 1 + 0.1 * x
+        else:
+            x = 0.1 * x
+        out[k] = x
+    return out
