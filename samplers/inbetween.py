@@ -595,6 +595,19 @@ def estimate_for_models(settings: InbetweenSettings, unet, vae, dtype: torch.dty
         torch.finfo(dtype).bits // 8, vae_scale_factor(vae), svd_temporal_heads(unet))
 
 
+def module_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def memory_budget(device) -> Optional[int]:
+    """Bytes the run may use on ``device``: inside ComfyUI the whole device (ComfyUI unloads
+    other models on demand), outside it what is free now; None when unknown (CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda" and compat.in_comfyui():
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return compat.free_memory_bytes(device)
+
+
 def _gib(n: int) -> str:
     return f"{n / 2 ** 30:.1f} GiB"
 
@@ -631,7 +644,7 @@ def check_memory(settings: InbetweenSettings, estimate: Callable[[InbetweenSetti
     raise InputError(
         "frames",
         f"estimated peak memory {_gib(est.peak)} (sampling {_gib(est.sampling)}, decoding {_gib(est.decoding)}) "
-        f"exceeds the {_gib(free_bytes)} free on the device. Settings that would fit: {hint}",
+        f"exceeds the {_gib(free_bytes)} available on the device. Settings that would fit: {hint}",
     )
 
 
@@ -676,8 +689,11 @@ def generate_inbetween(svd, first_image: torch.Tensor, last_image: torch.Tensor,
         check_backward_weights(unet_m, backward_weights)
     check_size(settings, unet_m, vae_m)
     if free_bytes == -1:
-        free_bytes = compat.free_memory_bytes(svd.unet.load_device)
+        free_bytes = memory_budget(svd.unet.load_device)
     check_memory(settings, lambda s: estimate_for_models(s, unet_m, vae_m, dtype), free_bytes, dtype)
+    est = estimate_for_models(settings, unet_m, vae_m, dtype)
+    unet_extra = max(0, est.sampling - module_bytes(unet_m))    # what ComfyUI must keep free besides weights
+    vae_extra = max(0, est.decoding - module_bytes(vae_m))
 
     first01 = prepare_keyframe(first_image, settings.width, settings.height)
     last01 = prepare_keyframe(last_image, settings.width, settings.height)
@@ -696,7 +712,7 @@ def generate_inbetween(svd, first_image: torch.Tensor, last_image: torch.Tensor,
         initial = noise.initial(shape)
         svd.vae.offload()
 
-        unet = svd.unet.load()
+        unet = svd.unet.load(memory_required=unet_extra)
         device = next(unet.parameters()).device
         inputs = build_branch_inputs(c_first, c_last, settings, device, _unet_dtype(unet))
         evaluate = make_evaluator(unet, inputs, settings, backward_weights)
@@ -705,7 +721,7 @@ def generate_inbetween(svd, first_image: torch.Tensor, last_image: torch.Tensor,
         svd.unet.offload()
         if return_latents:
             return latents
-        vae = svd.vae.load()
+        vae = svd.vae.load(memory_required=vae_extra)
         frames = decode_latents(vae, latents, settings.decode_chunk_size)
     finally:
         for m in (svd.unet, svd.vae, svd.image_encoder):

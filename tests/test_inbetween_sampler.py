@@ -284,3 +284,7 @@ def test_latent_preview_hand_values_and_progress_hand_off():
     ib.sample_latents(lambda x, sigma: torch.zeros_like(x), (3, 4, 2, 2), s, ib.SeededNoise(0), "cpu",
                       progress=bar, preview=True)
     assert len(bar.previews) == 2 and all(p[0] == "JPEG" for p in bar.previews)
+
+
+def test_memory_budget_is_unknown_on_cpu():
+    assert ib.memory_budget("cpu") is None
