@@ -165,6 +165,34 @@ def test_real_svd_xt_sizes_hand_worked():
     assert 0.05e9 < est["vae"] / 2 < 0.15e9
 
 
+def test_released_configs_are_recovered_from_ldm_shapes():
+    """At full SVD-XT size (meta tensors, no memory): the ldm names and shapes our mapping gives the
+    released diffusers configs infer back to exactly those configs, with the released head widths.
+    (Locally, these ldm key/shape sets were also compared with ComfyUI's UNetModel and temporal VAE
+    built with SVD-XT's settings: identical, 1428 and 372 tensors.)"""
+    unet = svd._build_unet(svd.SVD_XT_UNET_CONFIG)
+    vae = svd._build_vae(svd.SVD_VAE_CONFIG)
+    clip = svd._build_clip(svd.SVD_CLIP_VISION_CONFIG)
+    umap = svd.svd_unet_key_map(unet.state_dict().keys(), 2)
+    ldm_unet = {umap[k]: v for k, v in unet.state_dict().items()}
+    assert len(ldm_unet) == 1428
+    assert sum(k.endswith("time_stack.0.attn1.to_v.weight") for k in ldm_unet) == 16
+    cfg = svd.infer_unet_config(ldm_unet)
+    assert cfg == {k: list(v) if isinstance(v, tuple) else v for k, v in svd.SVD_XT_UNET_CONFIG.items()}
+    vmap = svd.svd_vae_key_map(vae.state_dict().keys())
+    ldm_vae = {}
+    for k, v in vae.state_dict().items():
+        if k in vmap:
+            ldm_vae[vmap[k]] = torch.empty(tuple(v.shape) + ((1, 1) if svd._is_vae_1x1_attention(vmap[k]) else ()),
+                                           device="meta")
+    assert len(ldm_vae) == 372 and "decoder.conv_out.time_mix_conv.weight" in ldm_vae
+    assert svd.infer_vae_config(ldm_vae) == svd.SVD_VAE_CONFIG
+    visual = svd.transformers_to_openclip_visual(clip.state_dict())
+    assert visual["positional_embedding"].shape == (257, 1280) and visual["proj"].shape == (1280, 1024)
+    assert visual["transformer.resblocks.31.attn.in_proj_weight"].shape == (3840, 1280)
+    assert svd.infer_clip_config(visual) == svd.SVD_CLIP_VISION_CONFIG
+
+
 # --------------------------------------------------------------------------------------
 # ΔW
 # --------------------------------------------------------------------------------------
