@@ -11,10 +11,12 @@ Paths, measured in the same run on the same random weights and inputs:
               weights, ΔW applied on the fly);
 * two_unet  — the released code's layout: a second UNet with ΔW merged, plus stored maps.
 
-Time is per evaluation (median of --repeats after one warm-up). Peak memory: on CUDA
+Time is per evaluation: all paths in one process, interleaved, minimum of --repeats after a
+warm-up (the machine's load changes hit every path alike). Peak memory: on CUDA
 ``max_memory_allocated`` during the evaluation (weights included); on CPU each path runs in
 its own process and the peak resident set during the evaluations is reported (weights
-included). Ratios are fused / two_call and fused / two_unet. Goals on the real config:
+included; "held before" is what the process held before the first evaluation: weights, and
+on CPU the Python/torch runtime). Ratios are fused / two_call and fused / two_unet. Goals on the real config:
 time ≤ 0.7× and peak memory ≤ 0.5× of the two-call path.
 """
 
@@ -24,7 +26,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -104,25 +105,44 @@ def _vm(field):
     return 0
 
 
-def measure(path, args) -> dict:
+def measure_memory(path, args) -> dict:
+    """Peak memory of one evaluation of ``path`` (after a warm-up), with what was held before it."""
     torch.set_num_threads(args.threads)
     unet, delta, inputs, x = build(args)
     ev = make_evaluator(path, unet, delta, inputs)
     sigma = torch.tensor(20.0)
+    base = torch.cuda.memory_allocated() if args.device == "cuda" else _vm("VmRSS:")  # weights (+ runtime on CPU)
     ev(x, sigma)  # warm-up
     _sync(args.device)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
         _rss_peak_reset()
-    times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        ev(x, sigma)
-        _sync(args.device)
-        times.append(time.perf_counter() - t)
+    ev(x, sigma)
+    _sync(args.device)
     peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else _vm("VmHWM:")
-    return {"path": path, "time_s": statistics.median(times), "peak_bytes": peak}
+    del ev, unet
+    return {"path": path, "peak_bytes": peak, "base_bytes": base}
+
+
+def measure_times(args) -> dict:
+    """Seconds per evaluation of every path, interleaved (A B C A B C …) in one process so that
+    changing machine load hits all paths alike; the minimum over the repeats."""
+    torch.set_num_threads(args.threads)
+    unet, delta, inputs, x = build(args)
+    evs = {path: make_evaluator(path, unet, delta, inputs) for path in PATHS}
+    sigma = torch.tensor(20.0)
+    times = {path: [] for path in PATHS}
+    for ev in evs.values():
+        ev(x, sigma)  # warm-up
+    for _ in range(args.repeats):
+        for path, ev in evs.items():
+            _sync(args.device)
+            t = time.perf_counter()
+            ev(x, sigma)
+            _sync(args.device)
+            times[path].append(time.perf_counter() - t)
+    return {path: min(v) for path, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -141,24 +161,27 @@ def main(argv=None) -> int:
     else:
         args.frames, args.width, args.height = args.frames or 8, args.width or 256, args.height or 192
     if args.child:
-        print(json.dumps(measure(args.child, args)))
+        print(json.dumps(measure_memory(args.child, args)))
         return 0
     results = {}
     for path in PATHS:
         if args.device == "cuda":
-            results[path] = measure(path, args)
+            results[path] = measure_memory(path, args)
             torch.cuda.empty_cache()
         else:  # a fresh process per path, so that one path's freed memory does not hide another's peak
             cmd = [sys.executable, __file__, "--child", path, "--device", "cpu", "--frames", str(args.frames),
-                   "--width", str(args.width), "--height", str(args.height), "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)] + (["--real-config"] if args.real_config else [])
+                   "--width", str(args.width), "--height", str(args.height), "--threads", str(args.threads)]
+            cmd += ["--real-config"] if args.real_config else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             results[path] = json.loads(out)
+    for path, t in measure_times(args).items():
+        results[path]["time_s"] = t
     cfg = "SVD-XT size" if args.real_config else "small UNet (64-128 ch)"
     print(f"config: {cfg}, {args.frames} frames, {args.width}x{args.height}, CFG on (4 samples), device {args.device}")
-    print(f"{'path':10s} {'time/eval':>10s} {'peak mem':>10s}")
+    print(f"{'path':10s} {'time/eval':>10s} {'peak mem':>10s} {'held before':>12s} {'peak above it':>14s}")
     for path, r in results.items():
-        print(f"{path:10s} {r['time_s']:9.3f}s {r['peak_bytes'] / 2**20:8.0f}MiB")
+        print(f"{path:10s} {r['time_s']:9.3f}s {r['peak_bytes'] / 2**20:8.0f}MiB {r['base_bytes'] / 2**20:10.0f}MiB "
+              f"{(r['peak_bytes'] - r['base_bytes']) / 2**20:12.0f}MiB")
     f, t, u = results["fused"], results["two_call"], results["two_unet"]
     print(f"fused / two_call: time {f['time_s'] / t['time_s']:.2f}x, peak memory {f['peak_bytes'] / t['peak_bytes']:.2f}x")
     print(f"fused / two_unet: time {f['time_s'] / u['time_s']:.2f}x, peak memory {f['peak_bytes'] / u['peak_bytes']:.2f}x")
