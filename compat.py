@@ -211,7 +211,10 @@ class ManagedModel:
         """Put the model on its load device (ComfyUI may unload others first); return the module."""
         mm = _comfy_module("comfy.model_management")
         if self.patcher is not None and mm is not None:
-            mm.load_models_gpu([self.patcher], memory_required=memory_required)
+            # force_full_load: ComfyUI's partial (low-VRAM) loading only streams weights of
+            # its own comfy.ops layers; plain torch/diffusers layers that did not fit would
+            # be left on the CPU. ComfyUI still unloads other models to make room for ours.
+            mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
             return self.patcher.model
         self.module.to(self.load_device)
         return self.module

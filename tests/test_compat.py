@@ -67,7 +67,8 @@ def fake_comfy(tmp_path, monkeypatch):
     mm.get_free_memory = lambda dev=None: 123
     mm.soft_empty_cache = lambda: calls.append("soft_empty_cache")
     mm.throw_exception_if_processing_interrupted = lambda: calls.append("interrupt_check")
-    mm.load_models_gpu = lambda models, memory_required=0: calls.append(("load_models_gpu", len(models)))
+    mm.load_models_gpu = lambda models, memory_required=0, force_full_load=False: calls.append(
+        ("load_models_gpu", len(models), force_full_load))
 
     utils = types.ModuleType("comfy.utils")
 
@@ -111,7 +112,7 @@ def test_inside_comfyui_uses_progressbar_patcher_and_folders(fake_comfy, tmp_pat
     m = compat.manage_model(torch.nn.Linear(2, 2))
     assert "patcher" in calls and m.patcher is not None
     m.load()
-    assert ("load_models_gpu", 1) in calls
+    assert ("load_models_gpu", 1, True) in calls  # our plain-torch layers cannot be partially loaded
     compat.register_model_folders()
     # extra_model_paths.yaml's entry is kept, ComfyUI's default folder appended, filter set
     paths, exts = fp.folder_names_and_paths["avsync_demix"]
