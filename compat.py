@@ -215,7 +215,7 @@ class ManagedModel:
             # its own comfy.ops layers; plain torch/diffusers layers that did not fit would
             # be left on the CPU. ComfyUI still unloads other models to make room for ours.
             mm.load_models_gpu([self.patcher], memory_required=memory_required, force_full_load=True)
-            return self.patcher.model
+            return self.patcher.model.inner
         self.module.to(self.load_device)
         return self.module
 
@@ -225,13 +225,30 @@ class ManagedModel:
             soft_empty_cache()
 
 
+def _patcher_host(module):
+    """An ``nn.Module`` that holds ``module`` as its only child.
+
+    ModelPatcher writes bookkeeping attributes onto the model it wraps (``device``,
+    ``model_loaded_weight_memory``, ...); diffusers and transformers models have a
+    read-only ``device`` property, so they are wrapped in a plain host instead.
+    """
+    import torch
+
+    class PatcherHost(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    return PatcherHost(module)
+
+
 def manage_model(module, info: Optional[dict] = None) -> ManagedModel:
     """Wrap a freshly built model so that ComfyUI can load, offload and free it."""
     load, off = torch_device(), offload_device()
     patcher = None
     mp = _comfy_module("comfy.model_patcher")
     if mp is not None:
-        patcher = mp.ModelPatcher(module, load_device=load, offload_device=off)
+        patcher = mp.ModelPatcher(_patcher_host(module), load_device=load, offload_device=off)
     module.to(off)
     return ManagedModel(module=module, load_device=load, offload_device=off, patcher=patcher, info=info)
 

@@ -87,6 +87,10 @@ def fake_comfy(tmp_path, monkeypatch):
             self.model = model
             calls.append("patcher")
 
+        def load(self):  # what ComfyUI's ModelPatcher.load does to the model it wraps
+            self.model.device = torch.device("cpu")
+            self.model.model_loaded_weight_memory = 0
+
     mp.ModelPatcher = ModelPatcher
     comfy = types.ModuleType("comfy")
     fp = types.ModuleType("folder_paths")
@@ -109,9 +113,16 @@ def test_inside_comfyui_uses_progressbar_patcher_and_folders(fake_comfy, tmp_pat
     assert ("bar", 2) in calls and ("bar_update", 1, 2) in calls
     compat.check_interrupted()
     assert "interrupt_check" in calls
-    m = compat.manage_model(torch.nn.Linear(2, 2))
+    class HasDeviceProperty(torch.nn.Linear):  # like diffusers/transformers models
+        @property
+        def device(self):
+            return self.weight.device
+
+    net = HasDeviceProperty(2, 2)
+    m = compat.manage_model(net)
     assert "patcher" in calls and m.patcher is not None
-    m.load()
+    m.patcher.load()  # must not try to set net.device
+    assert m.load() is net
     assert ("load_models_gpu", 1, True) in calls  # our plain-torch layers cannot be partially loaded
     compat.register_model_folders()
     # extra_model_paths.yaml's entry is kept, ComfyUI's default folder appended, filter set
