@@ -6,7 +6,11 @@ pack in its custom_nodes folder (e.g. ``python main.py --cpu --port 8199``)::
     python tools/comfyui_e2e.py --url http://127.0.0.1:8199 --input-dir ComfyUI/input \
         example_workflows/api/avsync_load_audio.json tools/e2e/loader_to_video.json
 
-It copies ``example_workflows/avsync_example.wav`` into ComfyUI's input folder, posts
+``--tiny-models ComfyUI/models`` first writes tiny random-weight models (the test
+factories') where ``tools/e2e/*_tiny_models.json`` expect them, so workflows that need
+model files run end to end without real weights (the output is noise, the wiring is real).
+
+It copies the example inputs into ComfyUI's input folder, posts
 each workflow to ``/prompt``, waits for it in ``/history`` and prints what each output
 node produced (files, with their sizes). Exit code 1 if any workflow failed.
 """
@@ -64,9 +68,18 @@ def main(argv=None) -> int:
     ap.add_argument("--input-dir", type=Path, help="ComfyUI's input folder (the example wav is copied there)")
     ap.add_argument("--output-dir", type=Path, help="ComfyUI's output folder (to report file sizes)")
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--tiny-models", type=Path, metavar="MODELS_DIR",
+                    help="write tiny random-weight models into this ComfyUI models folder first")
     args = ap.parse_args(argv)
     if args.input_dir:
-        shutil.copy(ROOT / "example_workflows" / "avsync_example.wav", args.input_dir / "avsync_example.wav")
+        for name in ("avsync_example.wav", "avsync_inbetween_first.png", "avsync_inbetween_last.png"):
+            shutil.copy(ROOT / "example_workflows" / name, args.input_dir / name)
+    if args.tiny_models:
+        sys.path.insert(0, str(ROOT))
+        from tests.factories.svd import save_tiny_backward_delta, save_tiny_svd_single_file
+
+        save_tiny_svd_single_file(args.tiny_models / "checkpoints" / "avsync_tiny_svd.safetensors")
+        save_tiny_backward_delta(args.tiny_models / "avsync" / "svd_backward" / "avsync_tiny_delta.safetensors")
     failed = 0
     for wf in args.workflows:
         ok, entry = run_workflow(args.url.rstrip("/"), wf, args.timeout)
