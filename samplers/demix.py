@@ -11,6 +11,7 @@ import torch
 
 from ..core.audio import resample
 from ..core.demix_dsp import STEMS, demix_dsp
+from ..core.loudness import integrated_loudness
 from .chunking import run_overlap_add
 
 METHODS = ("auto", "dsp", "model")
@@ -21,13 +22,7 @@ def input_gain(waveform: torch.Tensor, sample_rate: int, target_lufs: float = RE
     """Gain that brings the clip's integrated loudness (ITU-R BS.1770) to ``target_lufs``,
     as the reference ``separate.py`` does with pyloudnorm; 1.0 when loudness is
     undefined (shorter than one 400 ms gating block, or silent)."""
-    import torchaudio.functional as AF
-
-    if waveform.shape[-1] < int(0.4 * sample_rate) + 1:
-        return 1.0
-    x = waveform if waveform.shape[0] <= 5 else waveform[:5]  # BS.1770 weights five channels
-    with torch.no_grad():
-        lufs = float(AF.loudness(x.double(), int(sample_rate)))
+    lufs = integrated_loudness(waveform, int(sample_rate))
     if not math.isfinite(lufs):
         return 1.0
     return float(10.0 ** ((target_lufs - lufs) / 20.0))

@@ -87,3 +87,18 @@ def test_ten_minute_input_runs_in_bounded_chunks():
 def test_processor_with_wrong_shape_is_reported():
     with pytest.raises(RuntimeError, match="expected"):
         run_overlap_add(lambda c: c, torch.randn(1, 100), 50, 10, 3)
+
+
+def test_segmented_loudness_equals_torchaudio():
+    """The MRX input gain needs BS.1770 loudness of the whole clip; ours K-weights it in
+    segments (bounded memory) and must give torchaudio's number."""
+    import torchaudio.functional as AF
+
+    from avsync.core.loudness import integrated_loudness
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16000 * 130, generator=g) * torch.linspace(0.01, 0.5, 16000 * 130)
+    x[:, 16000 * 30:16000 * 40] = 0  # a silent stretch: the gates matter
+    assert abs(integrated_loudness(x, 16000) - float(AF.loudness(x.double(), 16000))) < 1e-6
+    assert integrated_loudness(torch.zeros(1, 16000), 16000) == float("-inf")
+    assert integrated_loudness(torch.ones(1, 100), 16000) == float("-inf")
