@@ -126,3 +126,16 @@ def test_node_resamples_in_and_out(models_dir, sr, channels, n):
         assert torch.isfinite(s["waveform"]).all()
     if n > 1000:  # a tiny random network does not separate, but it passes the signal on
         assert float(sum(s["waveform"].abs().sum() for s in stems)) > 0
+
+
+def test_silence_through_the_network_stays_silent(models_dir):
+    """Loudness is undefined for silence, so no gain is applied, and masks times an
+    all-zero spectrum give all-zero stems (no NaN from the -inf LUFS)."""
+    from avsync.cli.common import run_node
+    from avsync.core.audio import make_audio
+
+    install_tiny_mrx(models_dir)
+    (model,) = run_node("AVSyncDemixModelLoader", model_name="mrx_default.safetensors")
+    stems = run_node("AVSyncDemixer", audio=make_audio(torch.zeros(2, 30000), 44100), method="model",
+                     demix_model=model)
+    assert all(float(s["waveform"].abs().max()) == 0.0 for s in stems)

@@ -26,14 +26,15 @@ def test_dsp_outputs_keep_rate_length_channels_and_sum_to_the_input(channels, sr
 
 def test_chunked_dsp_stays_close_to_one_pass():
     """Chunks of 2 s with 0.5 s cross-fades against one 6 s pass: the stems agree up
-    to small edge effects, and still add back to the input exactly."""
+    to small edge effects (measured relative error energy: speech 0.013, effects
+    0.008, music 0.001), and still add back to the input exactly."""
     mix = known_mixture(sr=22050)
     whole = run_node("AVSyncDemixer", audio=make_audio(mix["mixture"], 22050), method="dsp", chunk_seconds=10.0)
     parts = run_node("AVSyncDemixer", audio=make_audio(mix["mixture"], 22050), method="dsp", chunk_seconds=2.0,
                      overlap=0.25)
     for a, b in zip(whole, parts):
         err = (a["waveform"] - b["waveform"]).square().sum() / a["waveform"].square().sum().clamp_min(1e-12)
-        assert float(err) < 0.1
+        assert float(err) < 0.04
     assert float((sum(p["waveform"] for p in parts)[0] - mix["mixture"]).abs().max()) < 1e-5
 
 
