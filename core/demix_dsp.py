@@ -1,28 +1,28 @@
 """A weights-free speech / effects / music separator (the Demixer's ``dsp`` method).
 
-It works on one STFT of the clip and splits every time-frequency bin between the
-three stems with soft masks that sum to one, from four cues:
+It works on one STFT of the clip (masks from the channel-averaged power, applied to
+every channel) and splits every time-frequency bin between the three stems with
+power-2 (Wiener-like) soft masks that sum to one, built from three magnitude
+estimates:
 
-1. **Harmonic / percussive separation with a margin** (Fitzgerald 2010; Driedger,
-   Müller & Disch 2014): a median over time keeps what is steady in time
-   (harmonic), a median over frequency keeps what is broadband and short
-   (percussive); with a margin > 1 a bin must beat the other estimate by that
-   factor, the rest is a *residual* (noise-like, neither).
-2. **Speech-band syllabic modulation**: in 100–4000 Hz, a bin whose non-percussive
-   envelope is deeply modulated at the syllable rate (3–8 Hz, most of its modulation
-   energy there rather than spread over all rates as an isolated hit's is) is taken
-   as speech. Sustained notes and chords have little modulation; impacts have
-   broadband modulation and are mostly removed by the percussive mask first.
-3. **Centre / side** (stereo only): dialogue is mixed to the centre, so a bin whose
-   left and right are incoherent or out of phase is unlikely to be speech.
-4. **Stationarity**: what is harmonic and not speech is music; what is percussive,
-   or residual and not speech, is effects.
+1. **effects = percussive** (as in harmonic/percussive separation, Fitzgerald 2010):
+   a running median across ~400 Hz keeps what is broadband and short. ``margin``
+   weighs it against the other two estimates.
+2. **music = stationary bed + unmodulated harmonic energy**: a running median over
+   0.1 s of time keeps what is steady in time (harmonic); a low percentile (20th) over
+   1.5 s is the stationary bed (a plain form of repetition-based background
+   estimation: what is always there); the harmonic energy above the bed is music
+   unless it carries speech evidence.
+3. **speech = harmonic energy above the bed x speech likelihood**: in 100–4000 Hz, an
+   envelope deeply modulated at the syllable rate (3–8 Hz) with most of its
+   modulation energy at that rate (an isolated hit spreads its modulation over all
+   rates); for stereo times a **centre cue** (dialogue is mixed to the centre, so a bin
+   whose left and right are uncorrelated or opposite is unlikely to be speech).
 
-``speech = S * (H + R)``, ``music = (1 - S) * H``, ``effects = P + (1 - S) * R``
-per bin (``S`` speech likelihood, ``H + P + R = 1``), so the masks sum to one. The
-speech and music stems are inverted from the masked STFT; the effects stem is
+The speech and music stems are inverted from the masked STFT; the effects stem is
 ``input - speech - music``, so the three stems add back to the input to float
-precision by construction.
+precision by construction. Running medians are Tukey ninthers (cheap and robust);
+above ``detail_hz`` the masks are estimated on pooled bins (no speech cue there).
 
 Limits (it separates by signal shape, not by meaning): voiced speech with little
 modulation leaks into music and consonants / plosives into effects; drums and
@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .stft import bin_frequencies, hann, istft, stft
+from .stft import hann, istft, stft
 
 STEMS = ("speech", "effects", "music")
 
