@@ -72,8 +72,3 @@ def istft(spec: torch.Tensor, n_fft: int, hop: int, length: int, window: Optiona
     out = torch.istft(flat, n_fft, hop, win_length=window.shape[-1], window=window.to(flat.real), center=True,
                       normalized=False, onesided=True, length=length)
     return out.reshape(*lead, length)
-
-
-def bin_frequencies(n_fft: int, sample_rate: int) -> torch.Tensor:
-    """Centre frequency in Hz of each one-sided bin, ``[n_fft // 2 + 1]``."""
-    return torch.arange(n_fft // 2 + 1, dtype=torch.float32) * (sample_rate / n_fft)
