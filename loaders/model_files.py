@@ -46,6 +46,18 @@ def resolve(key_or_spec, filename: Optional[str] = None) -> Path:
     return path
 
 
+def file_choices(specs, extensions=compat.MODEL_EXTENSIONS) -> list[str]:
+    """The choices of a loader node's file combo: the expected file names first (always
+    listed, so a shared workflow that names one validates and, when the file is missing,
+    fails with where to get it), then every other file found in their folders."""
+    specs = [specs] if isinstance(specs, ModelFileSpec) else list(specs)
+    expected = [s.filename for s in specs]
+    found = []
+    for folder in dict.fromkeys(s.folder for s in specs):
+        found += [f for f in compat.list_model_files(folder, extensions) if f not in expected and f not in found]
+    return expected + found
+
+
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

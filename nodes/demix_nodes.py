@@ -25,10 +25,10 @@ class AVSyncDemixModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        from ..loaders.demix import DEFAULT_KEY, FOLDER, SPECS
+        from ..loaders.demix import DEFAULT_KEY, SPECS
+        from ..loaders.model_files import file_choices
 
-        found = compat.list_model_files(FOLDER, (".safetensors",))
-        files = sorted(set(found) | {s.filename for s in SPECS.values()})
+        files = file_choices(SPECS.values(), (".safetensors",))
         return {"required": {"model_name": (files, {"default": SPECS[DEFAULT_KEY].filename, "tooltip":
                 "Converted demix model in models/avsync/demix (avsync_demix folder). Listed names that are not "
                 "there yet fail with instructions on where to get and how to convert them."})}}

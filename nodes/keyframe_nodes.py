@@ -130,10 +130,9 @@ class AVSyncLocalizerModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         from ..loaders.localizer import SPEC
+        from ..loaders.model_files import file_choices
 
-        files = compat.list_model_files(SPEC.folder) or [SPEC.filename]
-        default = SPEC.filename if SPEC.filename in files else files[0]
-        return {"required": {"model_name": (files, {"default": default, "tooltip":
+        return {"required": {"model_name": (file_choices(SPEC), {"default": SPEC.filename, "tooltip":
                 "Converted localizer file in models/avsync/localizer (avsync_localizer folder)."})}}
 
     def load(self, model_name):

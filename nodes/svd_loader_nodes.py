@@ -23,12 +23,11 @@ def _file_key(path) -> tuple:
 def svd_choices() -> list[str]:
     """``checkpoints`` single files, then ``diffusers`` folders; the expected file is always listed
     so that a workflow naming it validates and, if it is missing, says where to get it."""
+    from ..loaders.model_files import file_choices
     from ..loaders.svd import SVD_XT_FILE
 
-    files = compat.list_model_files("checkpoints", _SINGLE_FILE_EXTENSIONS)
     folders = compat.list_model_files("diffusers", (), include_dirs=True)
-    default = SVD_XT_FILE.filename
-    return [default] + [f for f in files if f != default] + [d for d in folders if d != default]
+    return file_choices(SVD_XT_FILE, _SINGLE_FILE_EXTENSIONS) + folders
 
 
 def resolve_svd(name: str):
@@ -98,12 +97,12 @@ class AVSyncBackwardMotionLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
+        from ..loaders.model_files import file_choices
         from ..loaders.svd import SVD_BACKWARD_FILE
 
-        found = compat.list_model_files(SVD_BACKWARD_FILE.folder, _SINGLE_FILE_EXTENSIONS)
-        default = SVD_BACKWARD_FILE.filename
         return {"required": {
-            "backward_weights": ([default] + [f for f in found if f != default], {"default": default, "tooltip":
+            "backward_weights": (file_choices(SVD_BACKWARD_FILE, _SINGLE_FILE_EXTENSIONS),
+                                 {"default": SVD_BACKWARD_FILE.filename, "tooltip":
                                  "ΔW file in models/avsync/svd_backward (avsync_svd_backward folder). If it is not "
                                  "there, the error says how to make it from the released checkpoint."}),
         }}

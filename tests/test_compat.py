@@ -131,3 +131,17 @@ def test_inside_comfyui_uses_progressbar_patcher_and_folders(fake_comfy, tmp_pat
     assert ".safetensors" in exts
     assert set(compat.AVSYNC_MODEL_FOLDERS) <= set(fp.folder_names_and_paths)
     assert compat.input_directory() == tmp_path / "input"
+
+
+def test_loader_file_choices_list_expected_files_first(tmp_path, monkeypatch):
+    from avsync.loaders.model_files import ModelFileSpec, file_choices
+
+    monkeypatch.setenv("AVSYNC_MODELS_DIR", str(tmp_path))
+    a = ModelFileSpec("a", "a.safetensors", "avsync_demix", "src", "A")
+    b = ModelFileSpec("b", "b.safetensors", "avsync_demix", "src", "B")
+    assert file_choices([a, b]) == ["a.safetensors", "b.safetensors"]  # listed even when absent
+    d = tmp_path / "avsync" / "demix"
+    d.mkdir(parents=True)
+    for name in ("b.safetensors", "mine.safetensors", "x.ckpt"):
+        (d / name).write_bytes(b"x")
+    assert file_choices([a, b]) == ["a.safetensors", "b.safetensors", "mine.safetensors"]
