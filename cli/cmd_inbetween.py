@@ -22,7 +22,8 @@ def register(sub) -> None:
                                                "models/diffusers, or a path (default svd_xt.safetensors)")
     p.add_argument("--backward", default=None, help="backward-motion ΔW file in models/avsync/svd_backward or a path "
                                                     "(default svd_backward_motion_delta_fp16.safetensors)")
-    p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), default="fp16")
+    p.add_argument("--precision", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                   help="weight precision (auto: fp16 on CUDA, bf16 on MPS, fp32 on CPU)")
     p.add_argument("--frames", type=int, default=d.num_frames)
     p.add_argument("--width", type=int, default=d.width)
     p.add_argument("--height", type=int, default=d.height)
@@ -89,7 +90,10 @@ def _load_models(args):
     from .common import run_node
 
     if args.svd and Path(args.svd).exists():
-        model = svd_loader.load_svd(Path(args.svd), args.precision)
+        from .. import compat
+
+        precision = svd_loader.auto_precision(compat.torch_device()) if args.precision == "auto" else args.precision
+        model = svd_loader.load_svd(Path(args.svd), precision)
     else:
         (model,) = run_node("AVSyncSVDLoader", precision=args.precision,
                             **({"model": args.svd} if args.svd else {}))

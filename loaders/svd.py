@@ -146,6 +146,13 @@ def parse_dtype(name_or_dtype) -> torch.dtype:
         raise ValueError(f"unknown precision '{name_or_dtype}'; use one of {', '.join(DTYPES)}") from None
 
 
+def auto_precision(device) -> str:
+    """fp16 on CUDA (the released code's precision), bf16 on Apple MPS, fp32 elsewhere:
+    half-precision convolutions on a CPU are many times slower than fp32."""
+    kind = getattr(device, "type", str(device))
+    return {"cuda": "fp16", "mps": "bf16"}.get(kind, "fp32")
+
+
 # --------------------------------------------------------------------------------------
 # Model files
 # --------------------------------------------------------------------------------------

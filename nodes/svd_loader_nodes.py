@@ -3,16 +3,19 @@ Generative Inbetweening, consumed by AVSyncDualDirectionalSampler."""
 
 from __future__ import annotations
 
+import weakref
+
 from .. import compat
 from .sockets import SVD_BACKWARD, SVD_MODEL
 
 _SINGLE_FILE_EXTENSIONS = (".safetensors", ".sft")
-PRECISIONS = ("fp16", "bf16", "fp32")
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 
-# One loaded model per loader: a re-run (or a second loader node with the same choice) reuses
-# it; picking another file replaces it, so two SVDs are never held through this cache.
-_svd_cache: dict = {}
-_backward_cache: dict = {}
+# Loaded models shared while anything still holds them (ComfyUI's output cache, a second
+# loader node with the same choice). Weak references: when ComfyUI drops the output
+# ("Free model and node cache", another file picked), the weights are freed, not kept here.
+_svd_cache: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_backward_cache: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
 def _file_key(path) -> tuple:
@@ -66,23 +69,26 @@ class AVSyncSVDLoader:
                       "svd_xt.safetensors (or another SVD-XT single file) from the checkpoints folder, or a "
                       "diffusers folder (stabilityai/stable-video-diffusion-img2vid-xt) from the diffusers folder. "
                       "A listed name that is not there fails with where to get it."}),
-            "precision": (list(PRECISIONS), {"default": "fp16", "tooltip":
-                          "Weight precision. fp16 is what the released inbetweening code uses and halves memory; "
-                          "bf16 where fp16 overflows; fp32 for CPU runs and exact comparisons."}),
+            "precision": (list(PRECISIONS), {"default": "auto", "tooltip":
+                          "Weight precision. auto: fp16 on a CUDA GPU (what the released inbetweening code uses; "
+                          "half the memory), bf16 on Apple MPS, fp32 on the CPU (half precision is very slow "
+                          "there). Or force fp16, bf16, or fp32 (exact comparisons)."}),
         }}
 
-    def load(self, model, precision="fp16"):
+    def load(self, model, precision="auto"):
         from ..core.errors import InputError
-        from ..loaders.svd import load_svd
+        from ..loaders.svd import auto_precision, load_svd
 
         if precision not in PRECISIONS:
             raise InputError("precision", f"'{precision}' is not one of {', '.join(PRECISIONS)}")
+        if precision == "auto":
+            precision = auto_precision(compat.torch_device())
         path = resolve_svd(model)
         key = _file_key(path) + (precision,)
-        if key not in _svd_cache:
-            _svd_cache.clear()  # drop the previous model before loading the next one
-            _svd_cache[key] = load_svd(path, precision)
-        return (_svd_cache[key],)
+        loaded = _svd_cache.get(key)
+        if loaded is None:
+            loaded = _svd_cache[key] = load_svd(path, precision)
+        return (loaded,)
 
 
 class AVSyncBackwardMotionLoader:
@@ -113,10 +119,10 @@ class AVSyncBackwardMotionLoader:
 
         path = resolve(SVD_BACKWARD_FILE, backward_weights)
         key = _file_key(path)
-        if key not in _backward_cache:
-            _backward_cache.clear()
-            _backward_cache[key] = load_backward_delta(path)
-        return (_backward_cache[key],)
+        loaded = _backward_cache.get(key)
+        if loaded is None:
+            loaded = _backward_cache[key] = load_backward_delta(path)
+        return (loaded,)
 
 
 NODE_CLASS_MAPPINGS = {

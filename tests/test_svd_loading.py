@@ -345,8 +345,18 @@ def test_loader_nodes_list_load_and_cache(models_dir, tiny_files):
     (m1,) = run_node("AVSyncSVDLoader", model="tiny_svd.safetensors", precision="fp32")
     (m1b,) = run_node("AVSyncSVDLoader", model="tiny_svd.safetensors", precision="fp32")
     assert m1b is m1  # a re-run does not reload
-    (m2,) = run_node("AVSyncSVDLoader", model="tiny_svd_diffusers")
+    (m2,) = run_node("AVSyncSVDLoader", model="tiny_svd_diffusers", precision="fp16")
     assert m2 is not m1 and m2.dtype == torch.float16 and Path(m2.source).name == "tiny_svd_diffusers"
+    (m3,) = run_node("AVSyncSVDLoader", model="tiny_svd_diffusers")  # auto: fp32 on the CPU
+    assert m3.dtype == torch.float32
+    # nothing but the caller keeps a loaded model alive (ComfyUI's output cache frees it)
+    import gc
+    import weakref
+
+    ref = weakref.ref(m3)
+    del m3
+    gc.collect()
+    assert ref() is None
     (d1,) = run_node("AVSyncBackwardMotionLoader", backward_weights="tiny_delta.safetensors")
     (d2,) = run_node("AVSyncBackwardMotionLoader", backward_weights="tiny_delta.safetensors")
     assert d1 is d2 and isinstance(d1, svd.BackwardMotionDelta)
@@ -393,3 +403,9 @@ def test_parity_with_comfyuis_svd_modules(tmp_path, tiny_files):
     assert 1e-6 < eps_effect < 1e-3
     torch.testing.assert_close(dec, ref["vae_decode"], rtol=0, atol=1e-9)
     torch.testing.assert_close(enc, ref["vae_encode_mode"], rtol=0, atol=1e-9)
+
+
+def test_auto_precision_by_device():
+    assert svd.auto_precision(torch.device("cuda")) == "fp16"
+    assert svd.auto_precision(torch.device("mps")) == "bf16"
+    assert svd.auto_precision(torch.device("cpu")) == "fp32"
