@@ -52,12 +52,6 @@ def crossfade_weights(n: int = WINDOW_OUTPUTS) -> np.ndarray:
     return np.sin(np.pi * (np.arange(n) + 0.5) / n) ** 2
 
 
-def frame_times(timeline: Timeline) -> np.ndarray:
-    """Start time of every frame in seconds (exact rationals rounded once)."""
-    k = np.arange(timeline.num_frames, dtype=np.float64)
-    return k * timeline.fps.denominator / timeline.fps.numerator
-
-
 def stitch_windows(starts_seconds, scores, times: np.ndarray) -> np.ndarray:
     """Cross-fade per-window scores (score ``i`` of a window starting at ``t0`` belongs to
     ``t0 + i / 24`` s) into one value per entry of ``times``. Inside a window, scores
@@ -100,10 +94,11 @@ def learned_curve(waveform: torch.Tensor, sample_rate: int, timeline: Timeline,
     for b in range(0, len(starts), batch_size):
         clips = torch.stack([x[s:s + WINDOW_SAMPLES] for s in starts[b:b + batch_size]])
         with torch.inference_mode():
-            all_scores.extend(score_fn(imagebind_input(clips)).detach().to(torch.float64).cpu().numpy())
+            # float32 on the device, float64 only on the CPU (MPS has no float64)
+            all_scores.extend(score_fn(imagebind_input(clips)).detach().float().cpu().double().numpy())
         if progress is not None:
             progress(min(b + batch_size, len(starts)), len(starts))
-    return stitch_windows([s / MODEL_RATE for s in starts], all_scores, frame_times(timeline))
+    return stitch_windows([s / MODEL_RATE for s in starts], all_scores, timeline.frame_times())
 
 
 def driving_timeline(timeline: Timeline, sample_rate: int) -> Timeline:
@@ -144,6 +139,16 @@ def smoothing_window(smoothing: str, selection: str) -> int:
     raise InputError("smoothing", f"must be one of {', '.join(SMOOTHING)}, got {smoothing!r}")
 
 
+def check_covers_timeline(num_samples: int, sample_rate: int, timeline: Timeline, name: str) -> None:
+    """Audio that drives a timeline must span it (within one frame): a track of another
+    length would silently shift or cut the keyframes."""
+    seconds = num_samples / sample_rate
+    if abs(seconds - timeline.duration) > 1.0 / float(timeline.fps):
+        raise InputError(name, f"is {seconds:.3f} s long but the timeline covers {timeline.duration:.3f} s; "
+                               f"connect audio and timeline from the same AVSyncAudioLoader (or a demixed "
+                               f"track of that audio)")
+
+
 def check_request(timeline: Timeline, num_keyframes: int, clip_frames: int, method: str, selection: str) -> None:
     """Everything that can be said about the inputs before any audio is analysed."""
     if method not in METHODS:
@@ -170,8 +175,8 @@ def localize(waveform: torch.Tensor, sample_rate: int, timeline: Timeline, metho
              distance: int = PEAK_DISTANCE, prominence: float = PEAK_PROMINENCE, progress=None) -> Keyframes:
     """The whole localizer: curve, peaks/valleys, keyframes per clip and over the timeline."""
     check_request(timeline, num_keyframes, clip_frames, method, selection)
-    curve = motion_curve(waveform, sample_rate, timeline, method, score_fn, progress)
     window = smoothing_window(smoothing, selection)
+    curve = motion_curve(waveform, sample_rate, timeline, method, score_fn, progress)
     indices, clips, peaks, valleys = select_timeline(curve, num_keyframes, clip_frames, selection, seed, window,
                                                      distance, prominence)
     return Keyframes(indices=indices, curve=[float(v) for v in curve], peaks=[int(p) for p in peaks],

@@ -97,6 +97,13 @@ class Timeline:
         """Time of ``frame`` in seconds from the start of the audio (exact up to float)."""
         return float(Fraction(int(frame)) / self.fps)
 
+    def frame_times(self):
+        """Time of every frame in seconds (``k / fps`` from exact rationals), as a float64 array."""
+        import numpy as np
+
+        k = np.arange(self.num_frames, dtype=np.float64)
+        return k * self.fps.denominator / self.fps.numerator
+
     def frame_of_time(self, seconds: float) -> int:
         """The frame shown at ``seconds`` (from the start of the audio)."""
         return math.floor(Fraction(seconds).limit_denominator(10**9) * self.fps)

@@ -130,7 +130,7 @@ class AVSyncAudioLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, audio_file):
+    def VALIDATE_INPUTS(cls, audio_file=None):
         # Only audio_file is named here: ComfyUI reports a failure once per named input,
         # and naming an input turns off its built-in min/max check. Naming audio_file
         # turns off "value not in list", so a workflow whose 'audio' socket is connected

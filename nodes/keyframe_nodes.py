@@ -8,7 +8,8 @@ from .. import compat
 from ..core.audio import check_audio
 from ..core.errors import InputError
 from ..core.keyframes import CLIP_FRAMES, NUM_KEYFRAMES, PEAK_DISTANCE, PEAK_PROMINENCE, VARIANTS
-from ..core.localize import METHODS, SMOOTHING, localize
+from ..core.localize import (METHODS, SMOOTHING, check_covers_timeline, check_request, localize,
+                             smoothing_window)
 from ..core.plot import render_plot
 from ..core.timeline import Timeline
 from .sockets import AUDIO, IMAGE, KEYFRAMES, LOCALIZER_MODEL, TIMELINE
@@ -69,10 +70,12 @@ class AVSyncKeyframeLocalizer:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, num_keyframes, clip_frames):
-        if not 1 <= int(clip_frames) <= 4800:
+    def VALIDATE_INPUTS(cls, num_keyframes=None, clip_frames=None):
+        # ComfyUI passes only widget values; an input fed by a link arrives as None here
+        # and is checked when the node runs (core.keyframes.check_request).
+        if clip_frames is not None and not 1 <= int(clip_frames) <= 4800:
             return f"clip_frames: must be between 1 and 4800, got {clip_frames}"
-        if not 1 <= int(num_keyframes) <= int(clip_frames):
+        if num_keyframes is not None and not 1 <= int(num_keyframes) <= int(clip_frames or 4800):
             return f"num_keyframes: must be between 1 and clip_frames ({clip_frames}), got {num_keyframes}"
         return True
 
@@ -88,8 +91,12 @@ class AVSyncKeyframeLocalizer:
         if use_driving and driving_audio is None:
             raise InputError("driving_audio", "drive_with is 'driving_audio' but no driving_audio is connected")
         wav, sr = check_audio(driving_audio, "driving_audio") if use_driving else check_audio(audio, "audio")
+        wav = wav.cpu()
+        check_covers_timeline(wav.shape[-1], sr, timeline, "driving_audio" if use_driving else "audio")
         if method == "learned" and localizer_model is None:
             raise InputError("localizer_model", "method 'learned' needs a model: connect AVSyncLocalizerModelLoader")
+        check_request(timeline, int(num_keyframes), int(clip_frames), method, selection)
+        smoothing_window(smoothing, selection)
 
         score_fn, managed = None, None
         if method == "learned":

@@ -93,3 +93,19 @@ def test_cli_localize_writes_the_json(tmp_path):
     audio, tl = load_audio_file(wav, fps=24)
     assert run_node("AVSyncKeyframeLocalizer", audio=audio, timeline=tl)[0].indices == d["keyframes"]
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_audio_that_does_not_span_the_timeline_is_refused():
+    """A driving track of another length would shift or cut keyframes silently."""
+    from avsync.nodes.keyframe_nodes import AVSyncKeyframeLocalizer
+
+    sr = 16000
+    audio = make_audio(torch.zeros(1, 2 * sr), sr)
+    node = AVSyncKeyframeLocalizer()
+    with pytest.raises(InputError, match="^driving_audio: is 1.000 s long but the timeline covers 2.000 s"):
+        node.localize(audio, Timeline(24, sr, 2 * sr), driving_audio=make_audio(torch.zeros(1, sr), sr))
+    with pytest.raises(InputError, match="^audio: is 2.000 s long but the timeline covers 3.000 s"):
+        node.localize(audio, Timeline(24, sr, 3 * sr))
+    # a demixed track at another rate covering the same time is fine
+    kf, _ = node.localize(audio, Timeline(24, sr, 2 * sr), driving_audio=make_audio(torch.zeros(1, 44100 * 2), 44100))
+    assert kf.num_frames == 48
