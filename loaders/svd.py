@@ -40,6 +40,7 @@ import torch
 
 from .. import compat
 from ..core.errors import ModelFormatError
+from ..core.modules import module_bytes
 from .model_files import ModelFileSpec, register
 
 # --------------------------------------------------------------------------------------
@@ -239,10 +240,13 @@ class BackwardMotionDelta:
         return sorted(self.deltas)
 
     def backward_weights(self, unet_param_name: str, base_tensor: torch.Tensor) -> torch.Tensor:
-        """``base + ΔW`` in the base tensor's dtype and device (summed in fp32)."""
+        """``base + ΔW`` in the base tensor's dtype and device (summed in fp32). A bias with no
+        stored ΔW is returned unchanged (biases were frozen in training)."""
         try:
             delta = self.deltas[unet_param_name]
         except KeyError:
+            if unet_param_name.endswith(".bias"):
+                return base_tensor
             raise KeyError(f"the backward-motion delta has no tensor '{unet_param_name}'") from None
         if delta.shape != base_tensor.shape:
             raise ModelFormatError(
@@ -279,10 +283,6 @@ class BackwardMotionDelta:
 # Small helpers
 # --------------------------------------------------------------------------------------
 
-def module_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
-        b.numel() * b.element_size() for b in module.buffers()
-    )
 
 
 def _meta_module(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:

@@ -26,8 +26,9 @@ The input of a temporal attention layer is ``[B·S, F, C]`` (batch outer, then t
 S = h·w spatial positions, F frames; see diffusers' ``TemporalBasicTransformerBlock``),
 so "first half of the rows" is "first half of the samples".
 
-ΔW is applied on the fly (``base + ΔW`` per call, a transient matrix per layer), so
-only one set of base weights is ever held.
+ΔW is never merged into the UNet: the backward branch's ``base + ΔW`` tensors (the 16
+layers' V and output projections, ~50 MB in fp16) are made once per run next to the
+one set of base weights (:class:`MergedBackwardWeights`).
 """
 
 from __future__ import annotations
@@ -42,9 +43,33 @@ TEMPORAL_SELF_ATTENTION_SUFFIX = "temporal_transformer_blocks.0.attn1"
 
 
 class BackwardWeights(Protocol):
-    """What the processors need from backward-motion weights (``loaders.svd.BackwardMotionDelta``)."""
+    """What the processors need from backward-motion weights (``loaders.svd.BackwardMotionDelta``).
+
+    A name it has no ΔW for gives ``base`` back only for biases (frozen in training)."""
 
     def backward_weights(self, name: str, base: torch.Tensor) -> torch.Tensor: ...
+
+    def names(self) -> list[str]: ...
+
+
+class MergedBackwardWeights:
+    """``base + ΔW`` for every tensor the delta changes, computed once on the UNet's
+    device and dtype, so that no model call re-adds (or re-uploads) ΔW in every layer."""
+
+    def __init__(self, unet: torch.nn.Module, weights: BackwardWeights):
+        params = dict(unet.named_parameters())
+        self._merged = {n: weights.backward_weights(n, params[n]) for n in weights.names() if n in params}
+
+    def names(self) -> list[str]:
+        return sorted(self._merged)
+
+    def backward_weights(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        merged = self._merged.get(name)
+        if merged is None:
+            if name.endswith(".bias"):
+                return base
+            raise KeyError(f"the backward-motion weights have no tensor '{name}'")
+        return merged
 
 
 # --------------------------------------------------------------------------------------
@@ -145,10 +170,14 @@ def project_values(attn, x: torch.Tensor, layer: str, weights: Optional[Backward
 
 
 def project_output(attn, h: torch.Tensor, layer: str, weights: Optional[BackwardWeights]) -> torch.Tensor:
-    """Merge heads, then the output projection W_o [+ ΔW_o] (its bias is never changed)."""
+    """Merge heads, then the output projection W_o [+ ΔW_o] (bias + ΔW_b where a bias ΔW is
+    stored; the released weights have none: biases were frozen in training)."""
     h = attn.batch_to_head_dim(h)
     w = _weight(weights, f"{layer}.to_out.0.weight", attn.to_out[0].weight)
-    h = F.linear(h, w, attn.to_out[0].bias)
+    b = attn.to_out[0].bias
+    if b is not None:
+        b = _weight(weights, f"{layer}.to_out.0.bias", b)
+    h = F.linear(h, w, b)
     h = attn.to_out[1](h)  # dropout (identity at inference)
     if attn.residual_connection:
         raise RuntimeError("temporal self-attention with a residual connection is not SVD's")

@@ -35,11 +35,13 @@ import torch
 
 from .. import compat
 from ..core.errors import InputError
+from ..core.modules import module_bytes, param_count
 from ..networks.temporal_attention import (
     CaptureProcessor,
     FusedDualDirectionProcessor,
     InjectRotatedProcessor,
     MapStore,
+    MergedBackwardWeights,
     PlainTemporalProcessor,
     block_place,
     flip_frames,
@@ -59,8 +61,6 @@ CFG_SCHEDULES = ("constant", "linear")
 FUSE_MODES = ("average", "weighted")
 EXECUTIONS = ("fused", "two_call")
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # --------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def prepare_keyframe(image: torch.Tensor, width: int, height: int) -> torch.Tens
     return x
 
 
-def clip_pixels(image01: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+def clip_pixels(image01: torch.Tensor, mean, std) -> torch.Tensor:
     """CLIP input as SVD's pipeline makes it: antialiased resize to 224 in [−1, 1], then normalise."""
     from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
         _resize_with_antialiasing,
@@ -197,7 +197,7 @@ def clip_pixels(image01: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Te
 
 @torch.no_grad()
 def encode_keyframes(image_encoder, vae, first01: torch.Tensor, last01: torch.Tensor, aug_noise: torch.Tensor,
-                     noise_aug_strength: float, mean=CLIP_MEAN, std=CLIP_STD) -> tuple[KeyframeConditioning, KeyframeConditioning]:
+                     noise_aug_strength: float, mean, std) -> tuple[KeyframeConditioning, KeyframeConditioning]:
     """CLIP embeddings and noise-augmented VAE latents of both keyframes.
 
     ``aug_noise`` is one tensor shared by both frames, as in the reference.
@@ -327,7 +327,7 @@ class DualDirectionEvaluator:
         self.unet = unet
         self.inputs = inputs
         self.variant = variant
-        self.weights = backward_weights if variant == "full" else None
+        self.weights = MergedBackwardWeights(unet, backward_weights) if variant == "full" else None
         self.layers = temporal_self_attention_layers(unet)
 
     def branch_inputs(self, x: torch.Tensor, sigma: torch.Tensor):
@@ -540,10 +540,6 @@ class MemoryEstimate:
         return max(self.sampling, self.decoding)
 
 
-def _numel(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def estimate_peak_memory(settings: InbetweenSettings, unet_params: int, vae_params: int, unet_channels: int,
                          decoder_channels: int, bytes_per_value: int, vae_factor: int = 8,
                          temporal_heads: Optional[list[tuple[int, int]]] = None) -> MemoryEstimate:
@@ -591,12 +587,8 @@ def svd_temporal_heads(unet) -> list[tuple[int, int]]:
 
 def estimate_for_models(settings: InbetweenSettings, unet, vae, dtype: torch.dtype) -> MemoryEstimate:
     return estimate_peak_memory(
-        settings, _numel(unet), _numel(vae), unet.config.block_out_channels[0], vae.config.block_out_channels[0],
+        settings, param_count(unet), param_count(vae), unet.config.block_out_channels[0], vae.config.block_out_channels[0],
         torch.finfo(dtype).bits // 8, vae_scale_factor(vae), svd_temporal_heads(unet))
-
-
-def module_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def memory_budget(device) -> Optional[int]:
@@ -641,8 +633,10 @@ def check_memory(settings: InbetweenSettings, estimate: Callable[[InbetweenSetti
     if model_dtype == torch.float32:
         suggestions.append("load the SVD model in fp16 (halves weights and activations)")
     hint = "; ".join(suggestions) if suggestions else "a device with more memory"
+    # name the setting that fixes the stage that does not fit
+    culprit = "decode_chunk_size" if est.sampling <= free_bytes < est.decoding else "frames"
     raise InputError(
-        "frames",
+        culprit,
         f"estimated peak memory {_gib(est.peak)} (sampling {_gib(est.sampling)}, decoding {_gib(est.decoding)}) "
         f"exceeds the {_gib(free_bytes)} available on the device. Settings that would fit: {hint}",
     )
@@ -653,8 +647,9 @@ def check_memory(settings: InbetweenSettings, estimate: Callable[[InbetweenSetti
 # --------------------------------------------------------------------------------------
 
 def _image_stats(svd) -> tuple[tuple, tuple]:
-    cfg = getattr(svd, "image_processor_config", None) or {}
-    return tuple(cfg.get("mean", CLIP_MEAN)), tuple(cfg.get("std", CLIP_STD))
+    """CLIP normalisation of the loaded model (``SVDModel.image_processor_config``)."""
+    cfg = svd.image_processor_config
+    return tuple(cfg["mean"]), tuple(cfg["std"])
 
 
 def check_backward_weights(unet, weights) -> None:
@@ -692,8 +687,8 @@ def generate_inbetween(svd, first_image: torch.Tensor, last_image: torch.Tensor,
         free_bytes = memory_budget(svd.unet.load_device)
     check_memory(settings, lambda s: estimate_for_models(s, unet_m, vae_m, dtype), free_bytes, dtype)
     est = estimate_for_models(settings, unet_m, vae_m, dtype)
-    unet_extra = max(0, est.sampling - module_bytes(unet_m))    # what ComfyUI must keep free besides weights
-    vae_extra = max(0, est.decoding - module_bytes(vae_m))
+    unet_extra = max(0, est.sampling - module_bytes(unet_m, buffers=False))    # what ComfyUI must keep free besides weights
+    vae_extra = max(0, est.decoding - module_bytes(vae_m, buffers=False))
 
     first01 = prepare_keyframe(first_image, settings.width, settings.height)
     last01 = prepare_keyframe(last_image, settings.width, settings.height)

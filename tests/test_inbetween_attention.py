@@ -98,7 +98,12 @@ class _Delta:
     def __init__(self, deltas):
         self.deltas = deltas
 
+    def names(self):
+        return sorted(self.deltas)
+
     def backward_weights(self, name, base):
+        if name not in self.deltas and name.endswith(".bias"):
+            return base
         return base + self.deltas[name]
 
 
@@ -215,3 +220,30 @@ def test_missing_backward_weights_for_full_variant_is_a_clear_error(tiny):
 
     with pytest.raises(InputError, match="backward_weights"):
         ib.FusedEvaluator(model.unet.module, _branch_inputs(model, 4), "full", None)
+
+
+def test_merged_weights_equal_on_the_fly_and_a_bias_delta_is_applied():
+    """ΔW merged once per run gives what adding it in the layer gives; a stored bias ΔW
+    (the reference adds every to_out.0 tensor it finds) changes the backward output."""
+    from diffusers.models.attention_processor import Attention
+
+    from avsync.networks.temporal_attention import MergedBackwardWeights
+
+    torch.manual_seed(0)
+    host = torch.nn.Module()
+    host.l = Attention(query_dim=8, heads=2, dim_head=4)
+    attn = host.l
+    x = torch.randn(4, 5, 8)
+    deltas = {"l.to_v.weight": torch.randn(8, 8) * 0.1, "l.to_out.0.weight": torch.randn(8, 8) * 0.1}
+    plain = _Delta(deltas)
+    merged = MergedBackwardWeights(host, plain)
+    assert merged.names() == ["l.to_out.0.weight", "l.to_v.weight"]
+    attn.set_processor(FusedDualDirectionProcessor("l", plain))
+    on_the_fly = attn(x)
+    attn.set_processor(FusedDualDirectionProcessor("l", merged))
+    torch.testing.assert_close(attn(x), on_the_fly, rtol=0, atol=0)
+    with_bias = _Delta({**deltas, "l.to_out.0.bias": torch.full((8,), 0.5)})
+    attn.set_processor(FusedDualDirectionProcessor("l", MergedBackwardWeights(host, with_bias)))
+    out = attn(x)
+    torch.testing.assert_close(out[:2], on_the_fly[:2])            # forward half: base weights
+    torch.testing.assert_close(out[2:], on_the_fly[2:] + 0.5)      # backward half: bias + ΔW_b

@@ -288,3 +288,12 @@ def test_latent_preview_hand_values_and_progress_hand_off():
 
 def test_memory_budget_is_unknown_on_cpu():
     assert ib.memory_budget("cpu") is None
+
+
+def test_memory_check_names_decode_chunk_size_when_only_decoding_does_not_fit():
+    s = ib.InbetweenSettings(decode_chunk_size=25)
+    est = _real_estimate(s)
+    assert est.sampling < est.decoding
+    free = (est.sampling + est.decoding) // 2
+    with pytest.raises(InputError, match="^decode_chunk_size: .*decode_chunk_size [0-9]"):
+        ib.check_memory(s, _real_estimate, free_bytes=free, model_dtype=torch.float16)
