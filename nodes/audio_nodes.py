@@ -100,10 +100,12 @@ class AVSyncAudioLoader:
         files = compat.list_input_files(AUDIO_EXTENSIONS)
         return {
             "required": {
+                # No "audio_upload" flag: ComfyUI's frontend only honours it on an input named
+                # "audio" of its own audio nodes; web/js/avsync_audio_upload.js adds the button.
                 "audio_file": (files + [NO_FILE], {
-                    "audio_upload": True,
                     "tooltip": "Audio or video file in ComfyUI's input folder (wav, flac, mp3, ogg, opus, m4a, "
-                               "or the audio track of mp4/mov/mkv/webm). Ignored when 'audio' is connected.",
+                               "or the audio track of mp4/mov/mkv/webm); the button below uploads one. "
+                               "Ignored when 'audio' is connected.",
                 }),
                 "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 86400.0, "step": 0.01,
                                     "tooltip": "Where to start in the audio, in seconds."}),
