@@ -181,3 +181,20 @@ def test_half_precision_runs_and_keeps_the_vae_dtype():
     assert fused.dtype == torch.float32 and torch.isfinite(fused).all()
     assert ((fused - two).norm() / two.norm()) < 1e-2  # fp16 rounding only
     assert next(model.vae.module.parameters()).dtype == torch.float16  # upcast for encoding, then back
+
+
+def test_fused_run_installs_its_processors_once(tiny, monkeypatch):
+    """Re-installing processors walks the whole UNet; a fused run does it once (and restores)."""
+    model, delta = tiny
+    unet = model.unet.module
+    first, last = _images()
+    calls = []
+    original = unet.set_attn_processor
+    monkeypatch.setattr(unet, "set_attn_processor", lambda procs: calls.append(1) or original(procs))
+    before = {k: type(p) for k, p in unet.attn_processors.items()}
+    s = ib.InbetweenSettings(num_frames=3, width=64, height=64, steps=3, renoise_repeats=1, renoise_ratio=1.0)
+    trace = ib.SamplingTrace()
+    ib.generate_inbetween(model, first[0], last[-1], s, backward_weights=delta, seed=1, free_bytes=None,
+                          trace=trace, return_latents=True)
+    assert trace.evaluations == 6 and len(calls) == 2  # install + restore, not two per evaluation
+    assert {k: type(p) for k, p in unet.attn_processors.items()} == before
