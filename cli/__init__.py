@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.models:
         compat.set_models_dir(args.models)
+    from .common import terminal_progress
+
+    compat.set_default_progress_callback(terminal_progress)  # a bar on a terminal, silent otherwise
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

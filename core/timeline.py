@@ -104,10 +104,6 @@ class Timeline:
         k = np.arange(self.num_frames, dtype=np.float64)
         return k * self.fps.denominator / self.fps.numerator
 
-    def frame_of_time(self, seconds: float) -> int:
-        """The frame shown at ``seconds`` (from the start of the audio)."""
-        return math.floor(Fraction(seconds).limit_denominator(10**9) * self.fps)
-
     def frame_bounds(self):
         """Sample boundaries of every frame: ``num_frames + 1`` integers."""
         import numpy as np

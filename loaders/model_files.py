@@ -7,7 +7,6 @@ gets the same kind of error: the file, the folder searched and where to get it.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -56,14 +55,3 @@ def file_choices(specs, extensions=compat.MODEL_EXTENSIONS) -> list[str]:
     for folder in dict.fromkeys(s.folder for s in specs):
         found += [f for f in compat.list_model_files(folder, extensions) if f not in expected and f not in found]
     return expected + found
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
