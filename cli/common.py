@@ -125,7 +125,8 @@ def check_output_file(path, option: str, force: bool = False, suffixes=None, kin
     if path.is_dir():
         raise OutputError(option, path, "is a directory; expected a file name")
     if suffixes is not None and path.suffix.lower() not in suffixes:
-        known = ", ".join(sorted(suffixes))
+        common = [s for s in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif") if s in suffixes]
+        known = ", ".join(sorted(suffixes)) if len(suffixes) <= 8 else ", ".join(common) + " or another format Pillow writes"
         raise OutputError(option, path, f"has an unknown {kind or 'file'} extension "
                                         f"'{path.suffix or '(none)'}'; expected one of {known}")
     if path.exists() and not force:
@@ -217,17 +218,18 @@ class ProgressReporter:
         self.quiet = quiet
         self.interval = interval
         self.clock = clock or time.monotonic
-        self._start: dict[str, float] = {}
-        self._last = -1e18
+        self._start: dict[str, tuple[float, int]] = {}   # what -> (time and value of its first update)
+        self._last = 0.0
 
     def __call__(self, value: int, total: int, desc: str = "") -> None:
         if self.quiet:
             return
         what = (desc or "working").removeprefix("AVSync ").strip() or "working"
         now = self.clock()
-        if value <= 1 or what not in self._start:
-            self._start.setdefault(what, now)
-        start = self._start[what]
+        if what not in self._start or value < self._start[what][1]:
+            self._start[what] = (now, value)
+            self._last = now
+        start, first = self._start[what]
         if _isatty(self.stream):
             width = 30
             done = int(width * value / max(total, 1))
@@ -237,19 +239,21 @@ class ProgressReporter:
             self.stream.flush()
             return
         finished = value >= total
-        if not finished and now - self._last < self.interval:
-            return
-        if finished and now - start < self.interval and self._last < start:
-            return  # a quick job: no progress lines at all
+        if finished:
+            self._start.pop(what, None)
+        if now - self._last < self.interval and not (finished and now - start >= self.interval):
+            return  # at most one line per interval; a job shorter than one interval prints nothing
         self._last = now
         elapsed = now - start
-        eta = elapsed / value * (total - value) if value > 0 else float("nan")
-        eta_text = "done" if finished else (f"ETA {_seconds(eta)}" if eta == eta else "ETA ?")
+        if finished:
+            eta_text = "done"
+        elif value > first:
+            eta_text = f"ETA {_seconds(elapsed / (value - first) * (total - value))}"
+        else:
+            eta_text = "ETA ?"
         self.stream.write(f"avsync {self.command}: {what} {value}/{total} ({100 * value / max(total, 1):.0f}%), "
                           f"{_seconds(elapsed)} elapsed, {eta_text}\n")
         self.stream.flush()
-        if finished:
-            self._start.pop(what, None)
 
 
 def _seconds(s: float) -> str:
