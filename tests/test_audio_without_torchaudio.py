@@ -134,3 +134,24 @@ def test_every_audio_path_runs_without_torchaudio(mode):
     res = subprocess.run([sys.executable, "-c", _NO_TORCHAUDIO, mode], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip() == "ok False"
+
+
+def test_a_mismatched_torch_torchaudio_pair_is_named(monkeypatch):
+    from importlib import metadata
+
+    from tests.conftest import torch_torchaudio_mismatch
+
+    versions = {"torch": "2.14.1", "torchaudio": "2.11.1"}
+    monkeypatch.setattr(metadata, "version", lambda name: versions[name])
+    msg = torch_torchaudio_mismatch()
+    assert "torchaudio 2.11.1 does not belong to torch 2.14.1" in msg and "requirements-test.txt" in msg
+    versions["torch"] = "2.11.0+cpu"
+    assert torch_torchaudio_mismatch() is None
+
+    def missing(name):
+        if name == "torchaudio":
+            raise metadata.PackageNotFoundError(name)
+        return "2.14.1"
+
+    monkeypatch.setattr(metadata, "version", missing)
+    assert torch_torchaudio_mismatch() is None
