@@ -4,12 +4,16 @@ audio files into AUDIO, writing results."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from ..core.errors import AVSyncError, InputError
+
+log = logging.getLogger("avsync.cli")
 
 
 class NodeValidationError(InputError):
@@ -56,7 +60,11 @@ def run_node(node_id: str, **inputs: Any) -> tuple:
             ok = validate(**{k: v for k, v in inputs.items() if k in params})
         if ok is not True:
             raise NodeValidationError(node_id, ok)
+    shown = {k: v for k, v in inputs.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    log.info("%s: %s", node_id, ", ".join(f"{k}={v!r}" for k, v in shown.items()))
+    start = time.perf_counter()
     out = getattr(cls(), cls.FUNCTION)(**inputs)
+    log.info("%s: done in %.2f s", node_id, time.perf_counter() - start)
     if isinstance(out, dict):
         out = out["result"]
     return out
