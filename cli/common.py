@@ -134,7 +134,8 @@ def check_output_file(path, option: str, force: bool = False, suffixes=None, kin
         raise OutputError(option, path, "is a directory; expected a file name")
     if suffixes is not None and path.suffix.lower() not in suffixes:
         common = [s for s in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif") if s in suffixes]
-        known = ", ".join(sorted(suffixes)) if len(suffixes) <= 8 else ", ".join(common) + " or another format Pillow writes"
+        known = (", ".join(sorted(suffixes)) if len(suffixes) <= 8
+                 else ", ".join(common) + " or another format Pillow writes")
         raise OutputError(option, path, f"has an unknown {kind or 'file'} extension "
                                         f"'{path.suffix or '(none)'}'; expected one of {known}")
     if path.exists() and not force:

@@ -82,7 +82,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _number(kind: str, flag: str, lo, hi) -> Callable[[str], Any]:
+def _number(kind: str, lo, hi) -> Callable[[str], Any]:
     """An argparse ``type`` that parses and checks the schema's range (NaN/inf refused)."""
     cast = int if kind == "INT" else float
 
@@ -175,7 +175,7 @@ def add_node_arguments(parser: argparse.ArgumentParser, node_id: str, *,
                                metavar="{" + ",".join(choices) + "}", help=_help(tooltip + note, default))
         elif kind in ("INT", "FLOAT"):
             lo, hi = opts.get("min"), opts.get("max")
-            group.add_argument(flag, dest=dest, default=default, type=_number(kind, flag, lo, hi),
+            group.add_argument(flag, dest=dest, default=default, type=_number(kind, lo, hi),
                                metavar="N" if kind == "INT" else "X", help=_help(tooltip, default, lo, hi))
         elif kind == "BOOLEAN":
             # BooleanOptionalAction appends "(default: ...)" itself

@@ -145,7 +145,8 @@ class AVSyncAudioLoader:
                 return f"audio_file: {err}"
             if not path.is_file():
                 if compat.input_directory() is None:  # outside ComfyUI (command line, scripts): a plain path
-                    return f"audio_file: {audio_file}: {'is a directory, not a file' if path.is_dir() else 'no such file'}"
+                    problem = "is a directory, not a file" if path.is_dir() else "no such file"
+                    return f"audio_file: {audio_file}: {problem}"
                 return f"audio_file: '{audio_file}' not found in ComfyUI's input folder"
         return True
 
