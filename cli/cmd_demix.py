@@ -6,8 +6,6 @@ Node inputs are flags generated from the node schemas (cli/schema_args.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 STEM_FILES = ("speech.wav", "effects.wav", "music.wav")
 LOADER_SKIP = {"audio_file": "the AUDIO argument", "fps": "demix has no video frame grid"}
 
@@ -34,13 +32,13 @@ def register(sub) -> None:
 
 
 def _model(name: str | None):
-    from .. import compat
     from ..loaders.demix import DEFAULT_KEY, FOLDER, SPECS, load_demix_model
-    from .common import run_node
+    from .common import path_outside_model_folders, run_node
 
     name = name or SPECS[DEFAULT_KEY].filename
-    if compat.find_model_file(FOLDER, name) is None and Path(name).is_file():
-        return load_demix_model(Path(name))  # a file outside the model folder: the loader node's own function
+    path = path_outside_model_folders(name, FOLDER)
+    if path is not None:
+        return load_demix_model(path)  # a file outside the model folder: the loader node's own function
     (model,) = run_node("AVSyncDemixModelLoader", model_name=name)
     return model
 

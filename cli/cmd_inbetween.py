@@ -72,33 +72,28 @@ def _load_models(args, variant: str):
     """(svd_model, backward_weights) for the sampler: names in the model folders go through the
     loader nodes (AVSyncSVDLoader, AVSyncBackwardMotionLoader) as in a workflow; an existing
     path is loaded with the loader functions those nodes call."""
+    from .. import compat
     from ..loaders import svd as svd_loader
-    from .common import run_node
+    from .common import path_outside_model_folders, run_node
     from .schema_args import node_inputs_from_args
 
     svd_inputs = node_inputs_from_args(args, "AVSyncSVDLoader")
     name, precision = svd_inputs["model"], svd_inputs["precision"]
-    if Path(name).exists() and not _in_model_folder(name):
-        from .. import compat
-
-        model = svd_loader.load_svd(Path(name), svd_loader.auto_precision(compat.torch_device())
+    path = path_outside_model_folders(name, svd_loader.SVD_XT_FILE.folder, svd_loader.SVD_XT_DIFFUSERS.folder)
+    if path is not None:
+        model = svd_loader.load_svd(path, svd_loader.auto_precision(compat.torch_device())
                                     if precision == "auto" else precision)
     else:
         (model,) = run_node("AVSyncSVDLoader", model=name, precision=precision)
     backward = None
     if variant == "full":
         name = node_inputs_from_args(args, "AVSyncBackwardMotionLoader")["backward_weights"]
-        if Path(name).is_file() and not _in_model_folder(name, "avsync_svd_backward"):
-            backward = svd_loader.load_backward_delta(Path(name))
+        path = path_outside_model_folders(name, svd_loader.SVD_BACKWARD_FILE.folder)
+        if path is not None:
+            backward = svd_loader.load_backward_delta(path)
         else:
             (backward,) = run_node("AVSyncBackwardMotionLoader", backward_weights=name)
     return model, backward
-
-
-def _in_model_folder(name: str, *folders: str) -> bool:
-    from .. import compat
-
-    return any(compat.find_model_file(f, name) is not None for f in (folders or ("checkpoints", "diffusers")))
 
 
 def run(args) -> int:

@@ -70,14 +70,13 @@ def run(args) -> int:
 def _localizer(name: str):
     """A name in the avsync_localizer folder goes through the loader node; an existing path is
     loaded with the function that node calls."""
-    from pathlib import Path
-
     from .. import compat
     from ..loaders.localizer import FOLDER, load_localizer
-    from .common import run_node
+    from .common import path_outside_model_folders, run_node
 
-    if compat.find_model_file(FOLDER, name) is None and Path(name).is_file():
-        net = load_localizer(Path(name))
-        return compat.manage_model(net, {"file": str(name), "config": net.cfg.to_dict()})
+    path = path_outside_model_folders(name, FOLDER)
+    if path is not None:
+        net = load_localizer(path)
+        return compat.manage_model(net, {"file": str(path), "config": net.cfg.to_dict()})
     (model,) = run_node("AVSyncLocalizerModelLoader", model_name=name)
     return model

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..core.errors import AVSyncError, InputError
 
@@ -72,12 +72,6 @@ def run_node(node_id: str, **inputs: Any) -> tuple:
 
 def write_json_to(path: str | Path, data: Any) -> None:
     Path(path).write_text(json.dumps(data, indent=2) + "\n")
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON through a temporary name and a rename: never a half-written file."""
-    with staged_outputs() as stage:
-        write_json_to(stage(path), data)
 
 
 # --------------------------------------------------------------------------------------
@@ -164,6 +158,16 @@ def image_suffixes() -> set[str]:
 
     Image.init()
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+
+def path_outside_model_folders(name: str, *folders: str) -> Optional[Path]:
+    """``name`` as a path to load directly, when it is not an entry of the model folders
+    (entries go through the loader nodes, as in a workflow); None otherwise."""
+    from .. import compat
+
+    if any(compat.find_model_file(f, name) is not None for f in folders) or not Path(name).exists():
+        return None
+    return Path(name)
 
 
 def check_input_file(path, option: str) -> Path:
