@@ -24,6 +24,12 @@ The two branches (and their CFG halves) run as one batched UNet call whose tempo
 attention layers hand the forward maps to the backward samples inside the layer
 (:class:`FusedEvaluator`); :class:`TwoCallEvaluator` is the straightforward version
 (forward call storing maps, then backward call) kept for parity and benchmarks.
+
+On the sampling core (``samplers/core``, docs/sampling.md): the noise source, the Euler
+solver with re-noise-and-repeat, the loop (progress, cancel, preview), chunked decoding and
+the memory check are the core's; what stays here is SVD's conditioning and the
+dual-direction evaluator, a denoiser wrapper whose per-direction guidance is the core's
+:class:`~avsync.samplers.core.guidance.CFG` with per-frame scales.
 """
 
 from __future__ import annotations

@@ -12,16 +12,13 @@ from avsync.samplers.core.guidance import (
 )
 from avsync.samplers.core.loop import SamplingTrace, sample
 from avsync.samplers.core.noise import SeededNoise
-from tests.factories.sampling import audio_off, make_conditions, make_denoiser
-from tests.test_sampling_ddim import TinyKeyVIDBranches
+from tests.factories.sampling import audio_off, make_branch_model
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.set_num_threads(1)
-    net = make_denoiser(0)
-    conds = make_conditions(3, 2, 3)
-    return TinyKeyVIDBranches(net, conds, conds["concat"])
+    return make_branch_model()
 
 
 VALUES = {"e_u": [1.0, 0.0], "e_i": [1.5, 0.5], "e_it": [3.0, 1.0], "cond": [4.0, 2.0], "off_sync": [3.5, 2.5]}

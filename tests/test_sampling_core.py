@@ -2,8 +2,6 @@
 branch batching with network patches, the loop (progress, cancel, preview, determinism),
 chunked decode, the memory check."""
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 
@@ -19,16 +17,13 @@ from avsync.samplers.core.loop import SamplingTrace, sample
 from avsync.samplers.core.memory import MemoryEstimate, check_memory
 from avsync.samplers.core.noise import InjectedNoise, SeededNoise
 from avsync.samplers.core.preview import LatentPreview
-from tests.factories.sampling import audio_off, make_conditions, make_denoiser
-from tests.test_sampling_ddim import TinyKeyVIDBranches
+from tests.factories.sampling import TinyKeyVIDBranches, audio_off, make_branch_model
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.set_num_threads(1)
-    net = make_denoiser(0)
-    conds = make_conditions(3, 2, 3)
-    return TinyKeyVIDBranches(net, conds, conds["concat"])
+    return make_branch_model()
 
 
 class _Table:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from avsync.samplers.core import ddim
-from avsync.samplers.core.guidance import AUDIO, IMAGE, TEXT, MultiConditionCFG, evaluate_branches
+from avsync.samplers.core.guidance import MultiConditionCFG, evaluate_branches
 from avsync.samplers.core.loop import sample
 from avsync.samplers.core.noise import InjectedNoise, anchor_interpolated_noise
-from tests.factories.sampling import TinyVideoDenoiser, make_conditions
+from tests.factories.sampling import TinyKeyVIDBranches, TinyVideoDenoiser, make_conditions
 
 DATA = Path(__file__).parent / "data" / "sampling"
 RUNS = json.loads((DATA / "runs.json").read_text())
@@ -31,23 +31,6 @@ def net(ref):
     n = TinyVideoDenoiser().eval().requires_grad_(False)
     n.load_state_dict({k[len("denoiser/"):]: v for k, v in ref.items() if k.startswith("denoiser/")})
     return n
-
-
-class TinyKeyVIDBranches:
-    """A KeyVID-style :class:`BranchModel` over the tiny denoiser: text + image tokens in
-    ``c_crossattn``, audio tokens, and the shared ``c_concat``; a null condition replaces each
-    condition the branch does not make real (the release's ``uc`` / ``uc_2`` / ``uc_3``)."""
-
-    def __init__(self, net, conds, concat):
-        self.net, self.c, self.concat = net, conds, concat
-
-    def inputs(self, branch):
-        pick = lambda name, key: self.c[key] if name in branch.real else self.c["null_" + key]  # noqa: E731
-        return {"c_crossattn": torch.cat([pick(TEXT, "text"), pick(IMAGE, "image")], 1),
-                "c_audio": pick(AUDIO, "audio"), "c_concat": self.concat}
-
-    def __call__(self, x, t, inputs):
-        return self.net(x, t.expand(x.shape[0]), inputs["c_concat"], inputs["c_crossattn"], inputs["c_audio"])
 
 
 def _run_ours(net, ref, name, batched):

@@ -101,3 +101,26 @@ def make_conditions(seed: int = 1, batch: int = 1, frames: int = T) -> dict:
         "audio": r(frames, L_AUD, D_AUD), "null_audio": r(frames, L_AUD, D_AUD),
         "concat": r(C, frames, H, W),
     }
+
+
+class TinyKeyVIDBranches:
+    """A KeyVID-style :class:`BranchModel` over the tiny denoiser: text + image tokens in
+    ``c_crossattn``, audio tokens, and the shared ``c_concat``; a null condition replaces each
+    condition the branch does not make real (the release's ``uc`` / ``uc_2`` / ``uc_3``)."""
+
+    def __init__(self, net, conds, concat):
+        self.net, self.c, self.concat = net, conds, concat
+
+    def inputs(self, branch):
+        pick = lambda name: self.c[name] if name in branch.real else self.c["null_" + name]  # noqa: E731
+        return {"c_crossattn": torch.cat([pick("text"), pick("image")], 1),
+                "c_audio": pick("audio"), "c_concat": self.concat}
+
+    def __call__(self, x, t, inputs):
+        return self.net(x, t.expand(x.shape[0]), inputs["c_concat"], inputs["c_crossattn"], inputs["c_audio"])
+
+
+def make_branch_model(seed: int = 3, batch: int = 2, frames: int = T) -> TinyKeyVIDBranches:
+    """The tiny denoiser (weights of seed 0) with seeded conditions, as a branch model."""
+    conds = make_conditions(seed, batch, frames)
+    return TinyKeyVIDBranches(make_denoiser(0), conds, conds["concat"])
