@@ -2,6 +2,7 @@
 
     python bench/bench_sampling_core.py                 # small configs on CPU (2 threads)
     python bench/bench_sampling_core.py --device cuda   # same configs on a GPU
+    python bench/bench_sampling_core.py --only inbetween --repeats 3   # one part
 
 1. **Four-condition CFG step** (KeyVID's guidance, App. G): the four branches (e_u, e_i, e_it,
    e_c) as one batched model call vs four sequential calls, through
@@ -174,9 +175,17 @@ def main(argv=None) -> int:
     p.add_argument("--ib-steps", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--only", choices=("branches", "inbetween"), help="run one part")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.only != "inbetween":
+        report_branches(args)
+    if args.only != "branches":
+        report_inbetween(args)
+    return 0
 
+
+def report_branches(args):
     r = bench_branches(args)
     tm = r["times"]
     print(f"1. four-condition CFG step, small video UNet (64-128 ch), {args.frames} frames, "
@@ -187,13 +196,14 @@ def main(argv=None) -> int:
           f"(max |difference| of the branch predictions {r['max_diff']:.1e})")
     print(f"   ASG five in one call / four in one call: {tm['five (ASG), one call'] / tm['four, one call']:.2f}x")
 
+
+def report_inbetween(args):
     r = bench_inbetween(args)
     tm = r["times"]
     print(f"2. inbetweening loop, fused evaluator, {args.ib_frames} frames {args.ib_width}x{args.ib_height}, "
           f"{r['evaluations']} evaluations, min of {args.repeats}")
     print(f"   on the core {tm['core']:.3f} s, before {tm['before']:.3f} s: core / before {tm['core'] / tm['before']:.2f}x, "
           f"max |difference| of the latents {r['max_diff']:.1e}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -252,3 +252,29 @@ def test_memory_check_names_the_input_and_suggests_what_fits():
     check_memory(_Family(), {"frames": 40, "chunk": 2}, free_bytes=None)      # unknown: no check
     with pytest.raises(InputError, match="^frames: .*Settings that would fit: frames 3"):
         check_memory(_Family(), {"frames": 5, "chunk": 2}, free_bytes=399)
+
+
+class _PerFrameVAE(torch.nn.Module):
+    """The interface of a diffusers 2-D VAE's decoder (``config.scaling_factor``, ``decode(z).sample``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"scaling_factor": 0.18215})()
+        self.conv = torch.nn.ConvTranspose2d(4, 3, 2, stride=2)
+
+    def decode(self, z):
+        return type("Out", (), {"sample": self.conv(z).tanh()})()
+
+
+def test_decode_latents_with_a_per_frame_vae_scales_and_chunks():
+    from avsync.samplers.core.decode import decode_latents
+
+    torch.manual_seed(0)
+    vae = _PerFrameVAE().eval()
+    z = torch.randn(3, 4, 4, 4)
+    got = decode_latents(vae, z, chunk=2)
+    with torch.no_grad():
+        want = (vae.decode(z / 0.18215).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    assert got.shape == (3, 8, 8, 3)
+    # chunks of 2 + 1 vs one call of 3 (per-frame network): measured floor 0 on AMD EPYC; 1e-6 for other CPUs
+    assert (got - want).abs().max() <= 1e-6

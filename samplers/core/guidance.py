@@ -49,7 +49,8 @@ class Guidance(Protocol):
 class BranchModel(Protocol):
     """What a model family provides to run branches: the network patches act on, each
     branch's condition inputs (batch-first tensors; cached by the family if costly), and
-    the network call on a batch of them."""
+    the network call on a batch of them. ``t`` is the solver's timestep as given (a 0-d
+    tensor: one time for the whole call); the family expands it to the call's batch."""
 
     net: torch.nn.Module
 
