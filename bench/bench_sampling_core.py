@@ -14,7 +14,8 @@
 2. **Inbetweening on the core vs before**: ``samplers/inbetween.py:sample_latents`` (now
    ``core/loop.py:sample`` + ``core/edm.py:EulerEDM``) against the loop it replaced (kept below,
    verbatim, as the baseline), same fused dual-direction evaluator, seed and settings: time ratio
-   and the largest difference of the latents (0 = bit-identical).
+   and the largest difference of the latents (0 = bit-identical); and the loops' own cost per
+   evaluation with a free evaluator (what the core adds, without the UNet's noise).
 """
 
 from __future__ import annotations
@@ -92,15 +93,8 @@ def bench_branches(args) -> dict:
     out = {k: f() for k, f in paths.items()}  # warm-up
     diff = max((out["four, one call"][k] - out["four, four calls"][k]).abs().max().item()
                for k in out["four, four calls"])
-    times = {k: [] for k in paths}
-    for _ in range(args.repeats):
-        for k, f in paths.items():
-            _sync(args.device)
-            t0 = time.perf_counter()
-            f()
-            _sync(args.device)
-            times[k].append(time.perf_counter() - t0)
-    return {"times": {k: min(v) for k, v in times.items()}, "max_diff": diff}
+    times, _ = _interleaved(paths, args.repeats, args.device)
+    return {"times": times, "max_diff": diff}
 
 
 # The loop samplers/inbetween.py:sample_latents ran before the sampling core (commit 2a9eaeb),
@@ -149,18 +143,33 @@ def bench_inbetween(args) -> dict:
         "core": lambda: ib.sample_latents(ev, shape, s, ib.SeededNoise(5), device),
         "before": lambda: legacy_sample_latents(ev, shape, s, ib.SeededNoise(5), device),
     }
-    times = {k: [] for k in runs}
-    outs = {}
     with ev.installed():
-        for _ in range(args.repeats):
-            for k, f in runs.items():
-                _sync(args.device)
-                t0 = time.perf_counter()
-                outs[k] = f()
-                _sync(args.device)
-                times[k].append(time.perf_counter() - t0)
-    return {"times": {k: min(v) for k, v in times.items()},
-            "max_diff": (outs["core"] - outs["before"]).abs().max().item(), "evaluations": s.evaluations()}
+        times, outs = _interleaved(runs, args.repeats, args.device)
+    # the loops' own cost: a free evaluator, the release's 50 steps with 5 re-noise repeats (175 evaluations)
+    s50 = ib.InbetweenSettings(num_frames=args.ib_frames, steps=50)
+    free = lambda x, sigma: torch.zeros_like(x)  # noqa: E731
+    loops = {
+        "core": lambda: ib.sample_latents(free, shape, s50, ib.SeededNoise(5), device),
+        "before": lambda: legacy_sample_latents(free, shape, s50, ib.SeededNoise(5), device),
+    }
+    loop_times, loop_outs = _interleaved(loops, 5 * args.repeats, args.device)
+    return {"times": times, "max_diff": (outs["core"] - outs["before"]).abs().max().item(),
+            "evaluations": s.evaluations(), "loop_times": {k: v / s50.evaluations() for k, v in loop_times.items()},
+            "loop_diff": (loop_outs["core"] - loop_outs["before"]).abs().max().item()}
+
+
+def _interleaved(runs, repeats, device):
+    """Minimum time of each run over ``repeats``, the runs alternating (and their order reversed every
+    other round) so that changing machine load hits them alike; and each run's last output."""
+    times, outs = {k: [] for k in runs}, {}
+    for r in range(repeats):
+        for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            _sync(device)
+            t0 = time.perf_counter()
+            outs[k] = runs[k]()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: min(v) for k, v in times.items()}, outs
 
 
 def main(argv=None) -> int:
@@ -204,6 +213,10 @@ def report_inbetween(args):
           f"{r['evaluations']} evaluations, min of {args.repeats}")
     print(f"   on the core {tm['core']:.3f} s, before {tm['before']:.3f} s: core / before {tm['core'] / tm['before']:.2f}x, "
           f"max |difference| of the latents {r['max_diff']:.1e}")
+    lt = r["loop_times"]
+    print(f"   the loop itself (free evaluator, 50 steps + 5 re-noise repeats over 25 steps): core "
+          f"{lt['core'] * 1e6:.0f} us, before {lt['before'] * 1e6:.0f} us per evaluation "
+          f"(max |difference| {r['loop_diff']:.1e})")
 
 
 if __name__ == "__main__":
