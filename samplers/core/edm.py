@@ -111,6 +111,7 @@ class EulerEDM:
         self.sigmas = karras_sigmas(self.steps, sigma_min, sigma_max)
         self.renoise_repeats = int(renoise_repeats)
         self.renoise_until = renoise_steps(self.steps, renoise_ratio, self.renoise_repeats)
+        self._renoise_stds = [renoise_std(self.sigmas[i], self.sigmas[i + 1]) for i in range(self.renoise_until)]
 
     def evaluations(self) -> int:
         return self.steps + self.renoise_until * max(self.renoise_repeats, 0)
@@ -127,7 +128,7 @@ class EulerEDM:
         return self.renoise_repeats if i < self.renoise_until else 0
 
     def renoise_std(self, i: int) -> torch.Tensor:
-        return renoise_std(self.sigmas[i], self.sigmas[i + 1])
+        return self._renoise_stds[i]
 
     def renoise(self, x: torch.Tensor, i: int, draw: torch.Tensor) -> torch.Tensor:
         """Back from σ_{i+1} to σ_i: ``x + draw·√(σ_i² − σ_{i+1}²)``."""
