@@ -183,7 +183,9 @@ def test_av_align_equals_the_published_definition(shift):
     y = y.astype(np.float32)
     ref, traj_ref = _reference_av_align(frames[..., ::-1].copy(), fps, y)  # OpenCV reads BGR
     ours = sm.score_sync(list(frames), len(frames), fps, y, 22050)
-    np.testing.assert_allclose(ours.motion_energy, traj_ref, rtol=0, atol=0)   # same OpenCV calls, same floats
+    # same OpenCV calls on the same pixels; OpenCV's threaded Farneback is not bit-reproducible
+    # run to run (measured: up to 2.2e-9 relative), hence the tolerance
+    np.testing.assert_allclose(ours.motion_energy, traj_ref, rtol=1e-6, atol=1e-9)
     assert ours.av_align == ref
     if shift == 0.0:
         assert ours.av_align > 0.5  # a score that says something, not 0 == 0
