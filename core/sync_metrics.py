@@ -66,7 +66,8 @@ def _cv2():
         import cv2
     except ImportError:
         raise MissingDependencyError(
-            f"optical flow (AV-Align's motion peaks) needs OpenCV: pip install {OPENCV_PACKAGE}") from None
+            f"optical flow (AV-Align's motion peaks) needs OpenCV: pip install {OPENCV_PACKAGE} "
+            "(or any OpenCV build that provides cv2)") from None
     return cv2
 
 
