@@ -16,7 +16,6 @@ Prints numbers and ratios measured in the same run:
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
@@ -27,17 +26,7 @@ from avsync.core.fbank import imagebind_input  # noqa: E402
 from avsync.core.localize import WINDOW_SAMPLES, localize, window_starts  # noqa: E402
 from avsync.core.onset import frame_envelope, normalise, onset_curve  # noqa: E402
 from avsync.core.timeline import Timeline  # noqa: E402
-from _report import row  # noqa: E402  (bench/ is the script's folder)
-
-
-def best_of(fn, repeat=5):
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+from _report import best_of, row  # noqa: E402  (bench/ is the script's folder)
 
 
 def naive_onset(wav: torch.Tensor, sr: int, tl: Timeline) -> np.ndarray:

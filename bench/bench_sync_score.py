@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.factories
-from _report import row  # noqa: E402
+from _report import best_of, row  # noqa: E402
 
 SECONDS, FPS, WIDTH, HEIGHT, SR = 10.0, 24, 512, 320, 48000
 
@@ -46,16 +45,6 @@ def render():
     wav = np.stack([clicks, clicks]).astype(np.float32) + 0.01 * rng.standard_normal((2, int(SECONDS * SR)),
                                                                                     dtype=np.float32)
     return frames, wav
-
-
-def best_of(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main() -> None:
