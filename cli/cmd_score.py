@@ -101,10 +101,28 @@ def read_keyframes(path: str):
         raise InputError("--keyframes", f"{path}: not a keyframes JSON from `avsync localize` ({err!r})") from None
 
 
-def _write_atomically(path: Path, write) -> None:
+def _check_writable(path: Path, option: str) -> None:
+    """Before any work: the file's nearest existing folder must be a writable folder."""
+    from ..core.errors import InputError
+
+    if path.is_dir():
+        raise InputError(option, f"cannot write {path}: it is a folder")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(option, f"cannot write {path}: {parent} is not a writable folder")
+
+
+def _write_atomically(path: Path, write, option: str) -> None:
     """Write through a temporary file in the same folder, so a failure leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    from ..core.errors import InputError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    except OSError as err:
+        raise InputError(option, f"cannot write {path} ({err.strerror or err})") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -127,6 +145,9 @@ def run(args) -> int:
         raise InputError("--plot", f"must end in {', '.join(PLOT_SUFFIXES)}, got {args.plot}")
     if not args.max_seconds > 0:
         raise InputError("--max-seconds", f"must be > 0, got {args.max_seconds}")
+    for option, target in (("--out", args.out), ("--plot", args.plot)):
+        if target:
+            _check_writable(Path(target), option)
     keyframes = read_keyframes(args.keyframes) if args.keyframes else None
     audio_path = Path(args.audio or args.video)
     if args.audio and not audio_path.is_file():
@@ -150,12 +171,12 @@ def run(args) -> int:
         for i, (lag, c) in enumerate(data["offset_curve"]):
             sys.stderr.write(f"{lag:7.1f}  {c:+.4f}{'  <- best' if i == best else ''}\n")
     text = json.dumps(data, indent=2)
-    if args.out:
-        _write_atomically(Path(args.out), lambda tmp: Path(tmp).write_text(text + "\n"))
-    if args.plot:
+    if args.plot:  # the plot first: a failure there leaves no report behind either
         from PIL import Image
 
         img = Image.fromarray((plot[0].numpy() * 255).round().astype("uint8"))
-        _write_atomically(Path(args.plot), img.save)  # the temporary name keeps the suffix: PIL picks the format
+        _write_atomically(Path(args.plot), img.save, "--plot")  # the temporary name keeps the suffix
+    if args.out:
+        _write_atomically(Path(args.out), lambda tmp: Path(tmp).write_text(text + "\n"), "--out")
     print(text)
     return 0

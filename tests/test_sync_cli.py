@@ -95,6 +95,7 @@ def test_keyframes_file(files, capsys, tmp_path):
     (["--video", "{d}/own.mkv", "--keyframes", "{d}/clicks.wav"], "--keyframes"),
     (["--video", "{d}/own.mkv", "--flow-max-side", "5"], "flow_max_side"),
     (["--video", "{d}/own.mkv", "--max-seconds", "1"], "--max-seconds"),
+    (["--video", "{d}/own.mkv", "--plot", "{d}/clicks.wav/p.png"], "--plot: cannot write"),
 ])
 def test_user_errors_exit_2_with_one_line_and_no_output(files, tmp_path, capsys, args, word):
     args = [a.format(d=files, t=tmp_path) for a in args]
