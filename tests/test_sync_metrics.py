@@ -114,7 +114,10 @@ def test_missing_opencv_names_the_package(monkeypatch):
 
 # -- parity with the published definition --------------------------------------------------------------------
 
-librosa = pytest.importorskip("librosa")  # test-only dependency (requirements-test.txt)
+@pytest.fixture()
+def librosa():
+    """Test-only dependency (requirements-test.txt); only the parity tests need it."""
+    return pytest.importorskip("librosa")
 
 
 def _mixture(sr, seed):
@@ -125,7 +128,7 @@ def _mixture(sr, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_onsets_equal_librosa_defaults_at_22050(seed):
+def test_onsets_equal_librosa_defaults_at_22050(seed, librosa):
     y = _mixture(22050, seed)
     env_ref = librosa.onset.onset_strength(y=y, sr=22050)
     env = sm.librosa_onset_envelope(y)
@@ -136,7 +139,7 @@ def test_onsets_equal_librosa_defaults_at_22050(seed):
 
 
 @pytest.mark.parametrize("sr", [44100, 48000])
-def test_onset_times_equal_librosa_load_path(sr):
+def test_onset_times_equal_librosa_load_path(sr, librosa):
     # librosa.load resamples with soxr, we with scipy's polyphase filter: the envelopes
     # differ a little (measured max 0.05 on ~14), the detected onsets do not
     x = _mixture(sr, 3)
@@ -146,7 +149,7 @@ def test_onset_times_equal_librosa_load_path(sr):
     np.testing.assert_allclose(sm.audio_onsets(x, sr).times, ref)
 
 
-def _reference_av_align(frames_bgr, fps, y22050):
+def _reference_av_align(librosa, frames_bgr, fps, y22050):
     """av_align.py's logic written from its definition (guyyariv/TempoTokens@bf0b1e3:
     detect_audio_peaks, compute_of, detect_video_peaks, find_local_max_indexes,
     calc_intersection_over_union), run with librosa and OpenCV on the same inputs."""
@@ -175,13 +178,13 @@ def _reference_av_align(frames_bgr, fps, y22050):
 
 
 @pytest.mark.parametrize("shift", [0.0, 0.025, 0.2])
-def test_av_align_equals_the_published_definition(shift):
+def test_av_align_equals_the_published_definition(shift, librosa):
     fps = 24
     frames, _, events = _clip(fps, seed=4)
     # audio at 22 050 Hz, so librosa.load would not resample: the inputs are identical
     y = A.clicks([k / fps + shift for k in events], SECONDS, 22050, seed=4) + A.noise(SECONDS, 22050, 0.002, 4)
     y = y.astype(np.float32)
-    ref, traj_ref = _reference_av_align(frames[..., ::-1].copy(), fps, y)  # OpenCV reads BGR
+    ref, traj_ref = _reference_av_align(librosa, frames[..., ::-1].copy(), fps, y)  # OpenCV reads BGR
     ours = sm.score_sync(list(frames), len(frames), fps, y, 22050)
     # same OpenCV calls on the same pixels; OpenCV's threaded Farneback is not bit-reproducible
     # run to run (measured: up to 2.2e-9 relative), hence the tolerance
