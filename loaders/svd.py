@@ -510,11 +510,14 @@ def _vae_attention_suffix(rest: str) -> str:
     return f"{_VAE_ATTN_TO_LDM[layer]}.{param}"
 
 
-def svd_vae_key_map(diffusers_keys) -> dict[str, str]:
+def svd_vae_key_map(diffusers_keys, keep_quant_convs: bool = False) -> dict[str, str]:
     """diffusers ``AutoencoderKLTemporalDecoder`` key -> ldm ``AutoencodingEngine`` key (no prefix).
 
     ``quant_conv`` has no counterpart (generative-models' ``AutoencodingEngine`` has none; the
-    diffusers model's is the identity) and is left out of the map.
+    diffusers model's is the identity) and is left out of the map. ``keep_quant_convs`` maps
+    ``quant_conv`` / ``post_quant_conv`` to themselves: the SD-style ``AutoencoderKL`` (diffusers
+    ``AutoencoderKL`` <-> ldm/lvdm ``AutoencoderKL``, used by KeyVID) has both, and otherwise the
+    same names as the temporal VAE's spatial layers.
     """
     keys = list(diffusers_keys)
     n_up = 1 + max((int(m.group(1)) for k in keys if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))), default=-1)
@@ -527,6 +530,9 @@ def svd_vae_key_map(diffusers_keys) -> dict[str, str]:
     out = {}
     for k in keys:
         layer, _, param = k.rpartition(".")
+        if layer in ("quant_conv", "post_quant_conv") and keep_quant_convs:
+            out[k] = k
+            continue
         if layer == "quant_conv":
             continue
         if layer in top:
@@ -583,6 +589,37 @@ _CLIP_TOP_TO_OPENCLIP = {
 }
 
 
+def openclip_resblocks_to_transformers(tensors: Mapping[str, torch.Tensor], layers_prefix: str,
+                                       cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                                       what: str = "OpenCLIP") -> dict:
+    """OpenCLIP ``transformer.resblocks.N.*`` tensors -> transformers ``CLIPEncoderLayer`` names
+    under ``layers_prefix`` (e.g. ``vision_model.encoder.layers.``); other keys are ignored.
+
+    ``attn.in_proj_*`` splits into q/k/v. Shared by the image tower (SVD, KeyVID) and the text
+    tower (KeyVID); the facts are those of ComfyUI's ``clip_vision.convert_to_transformers``.
+    """
+    inverse_layer = {v: k for k, v in _CLIP_LAYER_TO_OPENCLIP.items()}
+    out = {}
+    for k in tensors:
+        if not k.startswith("transformer."):
+            continue
+        m = re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", k)
+        if m:
+            i, param = m.groups()
+            q, k_, v = cast(tensors[k]).chunk(3, dim=0)
+            base = f"{layers_prefix}{i}.self_attn."
+            out[f"{base}q_proj.{param}"] = q.contiguous()
+            out[f"{base}k_proj.{param}"] = k_.contiguous()
+            out[f"{base}v_proj.{param}"] = v.contiguous()
+            continue
+        m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", k)
+        if not m or m.group(2) not in inverse_layer:
+            raise ModelFormatError(f"unexpected {what} tensor '{k}'")
+        i, layer, param = m.groups()
+        out[f"{layers_prefix}{i}.{inverse_layer[layer]}.{param}"] = cast(tensors[k])
+    return out
+
+
 def openclip_visual_to_transformers(visual: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> dict:
     """OpenCLIP ``visual.*`` tensors (prefix removed) -> ``CLIPVisionModelWithProjection`` state dict.
 
@@ -592,33 +629,15 @@ def openclip_visual_to_transformers(visual: Mapping[str, torch.Tensor], dtype: O
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     out = {}
     inverse_top = {v: k for k, v in _CLIP_TOP_TO_OPENCLIP.items()}
-    inverse_layer = {v: k for k, v in _CLIP_LAYER_TO_OPENCLIP.items()}
     for k in visual:
         if k in inverse_top:
             out[inverse_top[k]] = cast(visual[k])
         elif k == "proj":
             out["visual_projection.weight"] = cast(visual[k]).t().contiguous()
-        elif re.match(r"transformer\.resblocks\.\d+\.attn\.in_proj_(weight|bias)$", k):
-            continue  # split into q/k/v below
-        else:
-            m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", k)
-            if not m:
-                raise ModelFormatError(f"unexpected OpenCLIP image-encoder tensor '{k}'")
-            i, layer, param = m.groups()
-            base = f"vision_model.encoder.layers.{i}."
-            if layer in inverse_layer:
-                out[f"{base}{inverse_layer[layer]}.{param}"] = cast(visual[k])
-            else:
-                raise ModelFormatError(f"unexpected OpenCLIP image-encoder tensor '{k}'")
-    for k in visual:
-        m = re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", k)
-        if m:
-            i, param = m.groups()
-            q, k_, v = cast(visual[k]).chunk(3, dim=0)
-            base = f"vision_model.encoder.layers.{i}.self_attn."
-            out[f"{base}q_proj.{param}"] = q.contiguous()
-            out[f"{base}k_proj.{param}"] = k_.contiguous()
-            out[f"{base}v_proj.{param}"] = v.contiguous()
+        elif not k.startswith("transformer."):
+            raise ModelFormatError(f"unexpected OpenCLIP image-encoder tensor '{k}'")
+    out.update(openclip_resblocks_to_transformers(visual, "vision_model.encoder.layers.", cast,
+                                                  "OpenCLIP image-encoder"))
     return out
 
 
