@@ -83,7 +83,7 @@ from .svd import (
 
 __all__ = [
     "ROLES", "COMPONENTS", "KeyVIDModel", "convert_checkpoints", "load_keyvid", "load_component",
-    "read_lightning_checkpoint", "split_checkpoint", "stretch_audio_pos_embed", "parse_dtype", "auto_precision",
+    "read_lightning_checkpoint", "split_checkpoint", "parse_dtype", "auto_precision",
 ]
 
 ROLES = ("generator", "interpolator")
@@ -140,14 +140,8 @@ RELEASED_IMAGE_PROJ_PARAMS: dict[str, Any] = {
     "output_dim": 1024, "ff_mult": 4, "video_length": 48,
 }
 #: ``audio_proj_stage_config.params.video_length``: ``LatentVisualAudioDiffusion.__init__`` picks the
-#: ImageBind audio stride from it (12 -> 10, 48 -> (10, 4), 60 -> (10, 3)).
+#: ImageBind audio stride from it (``networks.imagebind_audio.keyvid_diffusion_audio_config``).
 RELEASED_AUDIO_VIDEO_LENGTH = 48
-_AUDIO_STRIDE_BY_VIDEO_LENGTH = {12: (10, 10), 48: (10, 4), 60: (10, 3)}
-#: ``ImageBindModel(...)`` arguments in ``LatentVisualAudioDiffusion.__init__`` and ImageBind's defaults.
-IMAGEBIND_AUDIO = {"kernel_size": 16, "num_mel_bins": 128, "target_len": 204, "pretrained_stride": (10, 10),
-                   "head_dim": 64}
-#: ``ddpm3d.py:interpolate_pos_embed`` hard-codes 12 frequency rows (128 mel, kernel 16, stride 10).
-POS_EMBED_ROWS = 12
 OPENCLIP_TEXT_HEAD_DIM = 64  # ViT-H-14 text: width 1024, 16 heads
 
 DEFAULT_FILENAMES = {
@@ -220,20 +214,23 @@ def read_config_file(path) -> dict:
     return params
 
 
-def _imagebind_audio_config(model_params: dict) -> dict:
+def _imagebind_audio_config(model_params: dict, state: Mapping[str, torch.Tensor]):
+    """The trunk's :class:`~avsync.networks.imagebind_audio.LocalizerConfig` in the diffusion
+    configuration: stride from ``audio_proj_stage_config.params.video_length``, width and depth
+    from the tensors, ImageBind's 64-wide heads."""
+    from ..networks.imagebind_audio import AUDIO_STEM, count_audio_blocks, default_heads, keyvid_diffusion_audio_config
+
     video_length = int(model_params.get("audio_proj_stage_config", {}).get("params", {}).get(
         "video_length", RELEASED_AUDIO_VIDEO_LENGTH))
-    if video_length not in _AUDIO_STRIDE_BY_VIDEO_LENGTH:
-        raise ModelFormatError(f"audio_proj_stage_config video_length {video_length}: the released code defines "
-                               f"the ImageBind stride only for {sorted(_AUDIO_STRIDE_BY_VIDEO_LENGTH)}")
-    cfg = dict(IMAGEBIND_AUDIO)
-    cfg["stride"] = _AUDIO_STRIDE_BY_VIDEO_LENGTH[video_length]
-    return cfg
-
-
-def _token_grid(cfg: dict, stride) -> tuple[int, int]:
-    k = cfg["kernel_size"]
-    return (cfg["num_mel_bins"] - k) // stride[0] + 1, (cfg["target_len"] - k) // stride[1] + 1
+    proj = state.get(AUDIO_STEM + "rgbt_stem.proj.weight")
+    if proj is None:
+        raise ModelFormatError(f"ImageBind audio: missing tensor '{AUDIO_STEM}rgbt_stem.proj.weight'")
+    d = int(proj.shape[0])
+    try:
+        return keyvid_diffusion_audio_config(video_length, embed_dim=d, num_blocks=count_audio_blocks(state),
+                                             num_heads=default_heads(d))
+    except ValueError as err:
+        raise ModelFormatError(f"audio_proj_stage_config: {err}") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -333,20 +330,6 @@ def split_checkpoint(state: Mapping[str, torch.Tensor], source: str = "checkpoin
     return SplitCheckpoint(source=source, role=role, components=components, dropped=dropped)
 
 
-def stretch_audio_pos_embed(pos_embed: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """``ddpm3d.py:interpolate_pos_embed``: keep the CLS row, view the rest as 12 frequency rows ×
-    T time columns, resize bilinearly (``align_corners=False``) to 12 × ((num_tokens − 1) // 12)."""
-    cls, grid = pos_embed[:, :1, :], pos_embed[:, 1:, :]
-    b, n, d = grid.shape
-    if n % POS_EMBED_ROWS:
-        raise ModelFormatError(f"ImageBind audio pos_embed has {n} patch rows, not a multiple of {POS_EMBED_ROWS}")
-    t_new = (num_tokens - 1) // POS_EMBED_ROWS
-    img = grid.float().reshape(b, POS_EMBED_ROWS, n // POS_EMBED_ROWS, d).permute(0, 3, 1, 2)
-    img = torch.nn.functional.interpolate(img, size=(POS_EMBED_ROWS, t_new), mode="bilinear", align_corners=False)
-    out = torch.cat([cls.float(), img.permute(0, 2, 3, 1).reshape(b, POS_EMBED_ROWS * t_new, d)], dim=1)
-    return out.to(pos_embed.dtype)
-
-
 def imagebind_audio_from_pretrained(state: Mapping[str, torch.Tensor], model_params: dict,
                                     source: str = "imagebind_huge.pth") -> dict[str, torch.Tensor]:
     """The audio preprocessor + trunk of ``imagebind_huge.pth`` as ``load_pretrained_imagebind_model``
@@ -357,13 +340,15 @@ def imagebind_audio_from_pretrained(state: Mapping[str, torch.Tensor], model_par
     if not audio:
         raise ModelFormatError(f"{source}: no modality_preprocessors.audio.* / modality_trunks.audio.* tensors: "
                                f"not ImageBind's imagebind_huge.pth ({IMAGEBIND_URL})")
+    from ..networks.imagebind_audio import stretch_pos_embed
+
     key = "modality_preprocessors.audio.pos_embedding_helper.pos_embed"
     if key not in audio:
         raise ModelFormatError(f"{source}: missing {key}")
-    cfg = _imagebind_audio_config(model_params)
-    f, t = _token_grid(cfg, cfg["stride"])
+    cfg = _imagebind_audio_config(model_params, audio)
+    f, t = cfg.token_grid
     if audio[key].shape[1] != f * t + 1:
-        audio[key] = stretch_audio_pos_embed(audio[key], f * t + 1)
+        audio[key] = stretch_pos_embed(audio[key], t, f)
     return audio
 
 
@@ -439,31 +424,14 @@ def image_encoder_layout(state: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
 
 
 def imagebind_audio_layout(state: Mapping[str, torch.Tensor], model_params: dict) -> dict[str, tuple]:
-    """ImageBind's audio preprocessor + trunk in the diffusion configuration (``AudioPreprocessor``
-    with a one-conv ``PatchEmbedGeneric`` stem, so ``rgbt_stem.proj`` has no ``.0``; blocks with
-    ``add_bias_kv``; no pre-transformer LayerNorm, no layer scale)."""
-    what = "ImageBind audio"
-    pre, trunk = IMAGEBIND_AUDIO_PARTS
-    cfg = _imagebind_audio_config(model_params)
-    conv = _shape(state, pre + "rgbt_stem.proj.weight", what)
-    d = conv[0]
-    f, t = _token_grid(cfg, cfg["stride"])
-    layers = _count_blocks(state, trunk + "blocks.")
-    hidden = _shape(state, trunk + "blocks.0.mlp.fc1.weight", what)[0]
-    out = {pre + "cls_token": (1, 1, d), pre + "rgbt_stem.proj.weight": (d, 1, cfg["kernel_size"], cfg["kernel_size"]),
-           pre + "rgbt_stem.norm_layer.weight": (d,), pre + "rgbt_stem.norm_layer.bias": (d,),
-           pre + "pos_embedding_helper.pos_embed": (1, f * t + 1, d)}
-    for i in range(layers):
-        b = f"{trunk}blocks.{i}."
-        out.update({
-            b + "attn.in_proj_weight": (3 * d, d), b + "attn.in_proj_bias": (3 * d,),
-            b + "attn.bias_k": (1, 1, d), b + "attn.bias_v": (1, 1, d),
-            b + "attn.out_proj.weight": (d, d), b + "attn.out_proj.bias": (d,),
-            b + "norm_1.weight": (d,), b + "norm_1.bias": (d,), b + "norm_2.weight": (d,), b + "norm_2.bias": (d,),
-            b + "mlp.fc1.weight": (hidden, d), b + "mlp.fc1.bias": (hidden,),
-            b + "mlp.fc2.weight": (d, hidden), b + "mlp.fc2.bias": (d,),
-        })
-    return out
+    """ImageBind's audio preprocessor + trunk in the diffusion configuration, released names
+    (``networks.imagebind_audio.released_audio_trunk_keys``) with the shapes of the trunk built
+    on the meta device."""
+    from ..networks.imagebind_audio import ImageBindAudioTrunk, audio_trunk_key, released_audio_trunk_keys
+
+    cfg = _imagebind_audio_config(model_params, state)
+    own = _meta_module(lambda: ImageBindAudioTrunk(cfg)).state_dict()
+    return {k: tuple(own[audio_trunk_key(k)].shape) for k in released_audio_trunk_keys(cfg)}
 
 
 def schedule_layout(state: Mapping[str, torch.Tensor]) -> dict[str, tuple]:
@@ -759,7 +727,7 @@ def convert_checkpoints(checkpoints: list, out_dir, dtype="fp16", imagebind: Opt
         meta = {"format": FORMAT_TAG, "component": comp, "role": role or "shared", "dtype": dtype_name,
                 "source": source}
         cfg_role = role or next(r for r in splits if companions[r].get(comp) == fname)
-        meta["config"] = json.dumps(_component_config(comp, params[cfg_role]))
+        meta["config"] = json.dumps(_component_config(comp, params[cfg_role], tensors))
         if comp == "unet":
             meta["companions"] = json.dumps(companions[role])
             meta["companion_sha256"] = json.dumps({c: sha_of.get(f) or sha256_file(out_dir / f)
@@ -781,7 +749,7 @@ def convert_checkpoints(checkpoints: list, out_dir, dtype="fp16", imagebind: Opt
                             dropped=dropped, lines=lines)
 
 
-def _component_config(component: str, model_params: dict) -> dict:
+def _component_config(component: str, model_params: dict, tensors: Mapping[str, torch.Tensor]) -> dict:
     """What the loader needs besides tensor shapes (head widths, scale factor, ...)."""
     if component == "unet":
         return {"unet_params": model_params["unet_config"]["params"]}
@@ -795,7 +763,7 @@ def _component_config(component: str, model_params: dict) -> dict:
     if component == "image_encoder":
         return {"head_dim": OPENCLIP_VIT_H_HEAD_DIM, "image_size": 224, "antialias": True}
     if component == "imagebind_audio":
-        return _imagebind_audio_config(model_params)
+        return {"trunk": _imagebind_audio_config(model_params, tensors).to_dict()}
     return {}
 
 
@@ -930,13 +898,12 @@ def build_unet(state: Mapping[str, torch.Tensor], config: dict, dtype: torch.dty
 
 def build_imagebind_audio(state: Mapping[str, torch.Tensor], config: dict, dtype: torch.dtype):
     """ImageBind's audio preprocessor + trunk in the diffusion configuration, from released-layout
-    tensors (``modality_preprocessors.audio.*``, ``modality_trunks.audio.*``)."""
-    from ..networks import imagebind_audio
+    tensors (``modality_preprocessors.audio.*``, ``modality_trunks.audio.*``), strictly
+    (``networks.imagebind_audio.build_audio_trunk_from_released``)."""
+    from ..networks.imagebind_audio import LocalizerConfig, build_audio_trunk_from_released
 
-    build = getattr(imagebind_audio, "diffusion_trunk_from_released", None)
-    if build is None:
-        raise ModelFormatError("this AVSync has no ImageBind diffusion trunk (networks/imagebind_audio.py)")
-    return build(_cast_all(state, dtype), config).eval().requires_grad_(False)
+    cfg = LocalizerConfig(**config["trunk"])
+    return build_audio_trunk_from_released(_cast_all(state, dtype), cfg, prefix="").to(dtype).eval().requires_grad_(False)
 
 
 _BUILDERS = {
@@ -962,9 +929,10 @@ def load_component(path, component: str, dtype=torch.float32):
             params = {"first_stage_config": {"params": config["params"]}, "scale_factor": config["scale_factor"]}
             check_component("vae", _meta_like_lazy(state), params, path.name)
             return build_vae(state, params, dtype)
-        if component in ("text_encoder", "image_encoder", "imagebind_audio"):
-            model_params = {"audio_proj_stage_config": {"params": {"video_length": _video_length_of(config)}}}
-            check_component(component, _meta_like_lazy(state), model_params, path.name)
+        if component in ("text_encoder", "image_encoder"):
+            check_component(component, _meta_like_lazy(state), {}, path.name)
+        elif component == "imagebind_audio":
+            check_component(component, _meta_like_lazy(state), _imagebind_params(config), path.name)
         elif component == "unet":
             check_component("unet", _meta_like_lazy(state), {"unet_config": {"params": config["unet_params"]}},
                             path.name)
@@ -978,9 +946,15 @@ def load_component(path, component: str, dtype=torch.float32):
         raise ModelFormatError(f"{path.name}: cannot load the KeyVID {component} ({err})") from None
 
 
-def _video_length_of(imagebind_config: dict) -> int:
-    stride = tuple(imagebind_config.get("stride", (10, 4)))
-    return {v: k for k, v in _AUDIO_STRIDE_BY_VIDEO_LENGTH.items()}.get(stride, RELEASED_AUDIO_VIDEO_LENGTH)
+def _imagebind_params(config: dict) -> dict:
+    """The ``model.params`` fragment that selects the stored trunk's stride (for the layout check)."""
+    from ..networks.imagebind_audio import LocalizerConfig, keyvid_diffusion_audio_config
+
+    stride = LocalizerConfig(**config["trunk"]).stride
+    for video_length in (12, 48, 60):
+        if keyvid_diffusion_audio_config(video_length).stride == stride:
+            return {"audio_proj_stage_config": {"params": {"video_length": video_length}}}
+    raise ModelFormatError(f"ImageBind audio stride {stride} is not one of the released configurations")
 
 
 def _meta_like_lazy(state) -> dict:

@@ -311,22 +311,7 @@ def _build_clip(config: dict):
 
 def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
     """Load ``state`` into a meta-built module (exact key match) and check nothing stayed on meta."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ModelFormatError(
-            f"{what}: the weights do not match the network built from the config"
-            + (f"; missing {len(missing)} (e.g. {', '.join(missing[:4])})" if missing else "")
-            + (f"; unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:4])})" if unexpected else "")
-        )
-    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        k = bad[0]
-        raise ModelFormatError(
-            f"{what}: {len(bad)} tensors have the wrong shape, e.g. {k}: file {tuple(state[k].shape)} "
-            f"vs network {tuple(own[k].shape)}"
-        )
+    check_state_fits(module.state_dict(), state, what)
     module.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers are not in the file: recreate the ones these networks have.
     for name, buf in list(module.named_buffers()):
@@ -342,6 +327,26 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) 
     if leftover:
         raise ModelFormatError(f"{what}: parameters left uninitialised: {', '.join(leftover[:4])}")
     return module.eval().requires_grad_(False)
+
+
+def check_state_fits(own: Mapping[str, Any], state: Mapping[str, Any], what: str) -> None:
+    """Raise :class:`ModelFormatError` naming missing / unexpected / mis-shaped tensors unless
+    ``state`` has exactly the names and shapes of ``own`` (values may be meta tensors)."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"{what}: the weights do not match the network built from the config"
+            + (f"; missing {len(missing)} (e.g. {', '.join(missing[:4])})" if missing else "")
+            + (f"; unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:4])})" if unexpected else "")
+        )
+    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        k = bad[0]
+        raise ModelFormatError(
+            f"{what}: {len(bad)} tensors have the wrong shape, e.g. {k}: file {tuple(state[k].shape)} "
+            f"vs network {tuple(own[k].shape)}"
+        )
 
 
 class LazyStateDict(Mapping):
