@@ -838,7 +838,8 @@ def _clip_text_config(state: Mapping[str, torch.Tensor], head_dim: int) -> dict:
         "hidden_act": "gelu", "layer_norm_eps": 1e-5, "projection_dim": layout["text_projection"][1],
         "attention_dropout": 0.0, "dropout": 0.0, "pad_token_id": 0,
         # OpenCLIP's <start_of_text> / <end_of_text> (only the pooled output, unused here, reads them)
-        "bos_token_id": 49406 if vocab > 49406 else None, "eos_token_id": 49407 if vocab > 49407 else None,
+        # (a tiny test vocabulary gets transformers' legacy eos id 2: the pooled output then takes the argmax)
+        "bos_token_id": 49406 if vocab > 49407 else 1, "eos_token_id": 49407 if vocab > 49407 else 2,
     }
 
 
