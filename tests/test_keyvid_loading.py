@@ -294,3 +294,50 @@ def test_unet_metadata_names_companions_with_their_sha256(converted):
     shas = json.loads(meta["companion_sha256"])
     assert companions["vae"] == "keyvid_vae.safetensors"
     assert shas["vae"] == hashlib.sha256((out / "keyvid_vae.safetensors").read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------- loader nodes
+
+def test_loader_node_missing_file_names_file_folder_and_command(models_dir):
+    from avsync.cli.common import run_node
+
+    with pytest.raises(MissingModelError) as err:
+        run_node("AVSyncKeyVIDGeneratorLoader", unet="keyvid_generator_unet.safetensors", precision="fp32")
+    msg = str(err.value)
+    assert "keyvid_generator_unet.safetensors" in msg and "avsync_keyvid" in msg
+    assert str(models_dir / "avsync" / "keyvid") in msg and "avsync convert keyvid" in msg and "RyanWW/KeyVID" in msg
+
+
+def test_loader_nodes_validate_inputs():
+    from avsync.nodes.keyvid_loader_nodes import AVSyncKeyVIDGeneratorLoader as G
+
+    assert G.VALIDATE_INPUTS(unet="keyvid_generator_unet.safetensors", precision="fp16") is True
+    msg = G.VALIDATE_INPUTS(unet="generator_checkpoint.ckpt", precision="fp16")
+    assert msg.startswith("unet:") and "avsync convert keyvid" in msg
+    assert G.VALIDATE_INPUTS(unet=None, precision="fp8").startswith("precision:")
+
+
+def test_loader_nodes_load_each_role_from_the_models_folder(converted, models_dir):
+    from avsync.cli.common import run_node
+    from avsync.nodes.keyvid_loader_nodes import AVSyncKeyVIDGeneratorLoader, AVSyncKeyVIDInterpolatorLoader
+
+    out, _ = converted
+    folder = models_dir / "avsync" / "keyvid"
+    shutil.copytree(out, folder)
+    choices = AVSyncKeyVIDGeneratorLoader.INPUT_TYPES()["required"]["unet"][0]
+    assert choices[0] == "keyvid_generator_unet.safetensors" and "keyvid_interpolator_unet.safetensors" in choices
+    (gen,) = run_node("AVSyncKeyVIDGeneratorLoader", unet="keyvid_generator_unet.safetensors", precision="fp32")
+    (again,) = run_node("AVSyncKeyVIDGeneratorLoader", unet="keyvid_generator_unet.safetensors", precision="fp32")
+    assert gen.role == "generator" and again is gen  # cached while held
+    (interp,) = run_node("AVSyncKeyVIDInterpolatorLoader", unet="keyvid_interpolator_unet.safetensors",
+                         precision="auto")
+    assert interp.role == "interpolator" and interp.dtype == torch.float32  # auto on the CPU
+    assert AVSyncKeyVIDInterpolatorLoader.RETURN_TYPES == ("AVSYNC_KEYVID_INTERP_MODEL",)
+    assert AVSyncKeyVIDGeneratorLoader.RETURN_TYPES == ("AVSYNC_KEYVID_MODEL",)
+    with pytest.raises(ModelFormatError, match="interpolator UNet, but a generator"):
+        run_node("AVSyncKeyVIDGeneratorLoader", unet="keyvid_interpolator_unet.safetensors", precision="fp32")
+    # a missing companion: named with the folder and the command
+    (folder / "keyvid_text_encoder.safetensors").unlink()
+    with pytest.raises(MissingModelError) as err:
+        run_node("AVSyncKeyVIDGeneratorLoader", unet="keyvid_generator_unet.safetensors", precision="bf16")
+    assert "keyvid_text_encoder.safetensors" in str(err.value) and "avsync convert keyvid" in str(err.value)
