@@ -46,7 +46,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.errors import ModelFormatError
 from .audio_layers import AudioLayerInfo, AudioSwitch
+
+UNET_PREFIX = "model.diffusion_model."   # the UNet's keys in the released Lightning checkpoints
 
 TEXT_CONTEXT_LEN = 77    # lvdm/modules/attention.py:CrossAttention(text_context_len=77)
 IMAGE_CONTEXT_LEN = 16   # ... image_context_len=16: image tokens per frame
@@ -592,3 +595,36 @@ class KeyVIDUNet(nn.Module):
             h = module(torch.cat([h, hs.pop()], dim=1), emb, context, c_audio, b)
         y = self.out(h)
         return y.reshape(b, t, -1, hh, ww).transpose(1, 2)
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``state`` whose key starts with ``prefix``, with the prefix removed
+    (other components' keys are left out). ``prefix=""`` keeps everything."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_released_state_dict(module: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = UNET_PREFIX,
+                             what: Optional[str] = None) -> nn.Module:
+    """Load the ``prefix``-ed tensors of a released state dict (e.g. a Lightning
+    checkpoint's ``state_dict``, or a converted file) into ``module`` **strictly**:
+    raises :class:`~avsync.core.errors.ModelFormatError` naming every missing and every
+    unexpected key (with the prefix, as they appear in the file) and every shape
+    mismatch. Returns ``module``."""
+    what = what or type(module).__name__
+    ours = strip_prefix(state, prefix)
+    expected = module.state_dict()
+    missing = [prefix + k for k in expected if k not in ours]
+    unexpected = [prefix + k for k in ours if k not in expected]
+    shapes = [f"{prefix + k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})"
+              for k, v in ours.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shapes: {', '.join(shapes)}")
+    if problems:
+        raise ModelFormatError(f"{what}: the state dict does not fit ({'; '.join(problems)})")
+    module.load_state_dict(ours, strict=True)
+    return module
