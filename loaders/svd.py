@@ -41,6 +41,7 @@ import torch
 from .. import compat
 from ..core.errors import ModelFormatError
 from ..core.modules import module_bytes
+from .checked_file import load_pickled_checked, open_checked
 from .model_files import ModelFileSpec, register
 
 # --------------------------------------------------------------------------------------
@@ -350,26 +351,26 @@ def check_state_fits(own: Mapping[str, Any], state: Mapping[str, Any], what: str
 
 
 class LazyStateDict(Mapping):
-    """A read-only name -> tensor mapping over safetensors files (memory-mapped, read on access)."""
+    """A read-only name -> tensor mapping over safetensors files (memory-mapped, read on access).
 
-    def __init__(self, files: list[Path], rename: Optional[Callable[[str], Optional[str]]] = None):
-        from safetensors import safe_open
+    Each file is opened through :func:`~avsync.loaders.checked_file.open_checked`, so an empty,
+    truncated or garbage file fails with the same clear error as everywhere else."""
 
-        self._handles = []
+    def __init__(self, files: list[Path], rename: Optional[Callable[[str], Optional[str]]] = None, *,
+                 what: str = "SVD weights (safetensors)", family_hint: Optional[str] = None):
         self._where: dict[str, tuple[Any, str]] = {}
         self.metadata: dict[str, str] = {}
         for f in files:
-            h = safe_open(str(f), framework="pt", device="cpu")
-            self._handles.append(h)
-            self.metadata.update(h.metadata() or {})
-            for k in h.keys():
+            h = open_checked(f, what=what, family_hint=family_hint)
+            self.metadata.update(h.metadata)
+            for k in h:
                 new = rename(k) if rename else k
                 if new is not None:
                     self._where[new] = (h, k)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         h, k = self._where[key]
-        return h.get_tensor(k)
+        return h[k]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -859,13 +860,10 @@ def load_svd_single_file(path, dtype=torch.float16, *, unet_head_dim: Optional[i
     dtype = parse_dtype(dtype)
     if path.suffix.lower() not in (".safetensors", ".sft"):
         raise ModelFormatError(f"{path.name}: AVSync loads SVD single files only as .safetensors")
-    state = LazyStateDict([path])
+    state = open_checked(path, what="an SVD / SVD-XT single-file checkpoint (svd_xt.safetensors: UNet, VAE and "
+                                    "image encoder)", required_prefixes=(UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX),
+                         family_hint=f"get it from {SVD_XT_FILE.source}")
     meta = state.metadata
-    missing = [p for p in (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX) if not any(k.startswith(p) for k in state)]
-    if missing:
-        raise ModelFormatError(
-            f"{path.name}: not an SVD checkpoint (img2vid / img2vid-xt): no tensors under {', '.join(missing)}"
-        )
     unet_hd = unet_head_dim or int(meta.get(META_UNET_HEAD_DIM, SVD_UNET_HEAD_DIM))
     clip_hd = clip_head_dim or int(meta.get(META_CLIP_HEAD_DIM, OPENCLIP_VIT_H_HEAD_DIM))
     unet = build_unet_from_ldm(_prefixed(state, UNET_PREFIX), dtype, unet_hd)
@@ -897,7 +895,7 @@ def _read_component(folder: Path, stem: str, what: str) -> tuple[dict, LazyState
         raise ModelFormatError(
             f"{folder}: {what} needs config.json and {stem}.safetensors (or its .fp16 variant){hint}"
         )
-    return json.loads(cfg_path.read_text()), LazyStateDict(files)
+    return json.loads(cfg_path.read_text()), LazyStateDict(files, what=f"the {what} weights of an SVD diffusers folder")
 
 
 def load_svd_diffusers(folder, dtype=torch.float16) -> SVDModel:
@@ -1057,7 +1055,8 @@ def load_backward_delta(path, dtype=None) -> BackwardMotionDelta:
     if path.suffix.lower() not in (".safetensors", ".sft"):
         raise ModelFormatError(f"{path.name}: backward-motion weights must be a .safetensors ΔW file "
                                f"(make one with `avsync convert svd-backward`)")
-    state = LazyStateDict([path])
+    state = open_checked(path, what="a backward-motion ΔW file (svd_backward_motion_delta_fp16.safetensors)",
+                         family_hint="make it with `avsync convert svd-backward`")
     names = list(state)
     bad = [n for n in names if not is_backward_param(n)]
     if not names or bad:
@@ -1097,9 +1096,9 @@ def read_unet_state_dict(path) -> Mapping[str, torch.Tensor]:
                 return _load_pickled(folder / name)
         raise ModelFormatError(f"{path}: no diffusion_pytorch_model(.fp16).safetensors or .bin in {folder}")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise ModelFormatError(f"{path}: no such file or folder; expected {_UNET_WHAT}")
     if path.suffix.lower() in (".safetensors", ".sft"):
-        state: Mapping[str, torch.Tensor] = LazyStateDict([path])
+        state: Mapping[str, torch.Tensor] = open_checked(path, what=_UNET_WHAT)
     else:
         state = _load_pickled(path)
     if any(k.startswith(UNET_PREFIX) for k in state):
@@ -1125,14 +1124,11 @@ class _Renamed(Mapping):
         return len(self._map)
 
 
+_UNET_WHAT = "an SVD UNet (diffusers weights, an ldm single file, or a pickled .bin/.ckpt)"
+
+
 def _load_pickled(path: Path) -> dict:
-    obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    for key in ("state_dict", "module", "model"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise ModelFormatError(f"{path.name}: not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return load_pickled_checked(path, what=_UNET_WHAT)
 
 
 # --------------------------------------------------------------------------------------
