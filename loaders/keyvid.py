@@ -237,31 +237,16 @@ def _imagebind_audio_config(model_params: dict, state: Mapping[str, torch.Tensor
 # Reading the released checkpoint
 # --------------------------------------------------------------------------------------
 
-def read_lightning_checkpoint(path) -> tuple[Mapping[str, torch.Tensor], dict]:
-    """``(state_dict, other top-level entries)`` of a Lightning ``.ckpt`` (or a bare state dict),
-    loaded with ``weights_only=True`` and memory-mapped, so no tensor is read until used."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFormatError(f"{path}: no such file")
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # truncated zip, legacy (non-zip) pickle, not a checkpoint at all
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelFormatError(
-            f"{path.name}: cannot be read as a weights-only PyTorch zip checkpoint ({detail[:200]}). "
-            f"Is the download complete? (the released files are ~15.6 GB)"
-        ) from None
-    if not isinstance(obj, dict):
-        raise ModelFormatError(f"{path.name}: not a checkpoint (a {type(obj).__name__}, not a dict)")
-    state = obj.get("state_dict", obj)
-    if not isinstance(state, dict):
-        raise ModelFormatError(f"{path.name}: 'state_dict' is not a dict")
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    others = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
-    if others:
-        raise ModelFormatError(f"{path.name}: state_dict entries that are not tensors: {', '.join(others[:5])}")
-    extra = {k: v for k, v in obj.items() if k != "state_dict"} if "state_dict" in obj else {}
-    return tensors, extra
+def read_lightning_checkpoint(path, what: str = "a KeyVID checkpoint (Lightning .ckpt of RyanWW/KeyVID)",
+                              required_prefixes=(UNET_PREFIX,)) -> dict[str, torch.Tensor]:
+    """The tensors of a Lightning ``.ckpt`` (``ckpt["state_dict"]``) or a bare state dict, through the
+    one checked reader (``loaders/checked_file.py:load_pickled_checked``): ``weights_only=True``,
+    memory-mapped, so no tensor's data is read until it is used."""
+    from .checked_file import load_pickled_checked
+
+    return load_pickled_checked(path, what=what, required_prefixes=required_prefixes,
+                                family_hint=f"the released files are listed at {RELEASE_REPO}; the .ckpt files are "
+                                            f"~15.6 GB: is the download complete?")
 
 
 @dataclass
@@ -567,23 +552,21 @@ def sha256_file(path, chunk: int = 1 << 24) -> str:
 # --------------------------------------------------------------------------------------
 
 def open_component_file(path, what: str) -> tuple[Mapping[str, torch.Tensor], dict]:
-    """``(lazy tensors, metadata)`` of a converted KeyVID file; a clean :class:`ModelFormatError`
-    naming the file for anything that is not a complete safetensors file of this format."""
-    from .svd import LazyStateDict
+    """``(lazy tensors, metadata)`` of a converted KeyVID file, through the one checked reader
+    (``loaders/checked_file.py:open_checked``): a missing, truncated or foreign file is a
+    :class:`ModelFormatError` naming the file and the conversion command."""
+    from .checked_file import open_checked
 
     path = Path(path)
+    hint = f"made by `{CONVERT_COMMAND}`"
     if path.suffix.lower() not in (".safetensors", ".sft"):
-        raise ModelFormatError(f"{path.name}: KeyVID {what} files are .safetensors made by `{CONVERT_COMMAND}`; "
-                               f"pickled checkpoints (.ckpt/.pth) are not loaded by the nodes")
-    try:
-        state = LazyStateDict([path])
-    except Exception as err:
-        raise ModelFormatError(f"{path.name}: not a readable safetensors file ({err}); is it complete? "
-                               f"Convert again with `{CONVERT_COMMAND}`") from None
+        raise ModelFormatError(f"{path}: the KeyVID nodes load only .safetensors files {hint}; pickled checkpoints "
+                               f"(.ckpt/.pth) are converted first")
+    state = open_checked(path, what=f"the KeyVID {what}", family_hint=hint)
     meta = dict(state.metadata)
     if meta.get("format") != FORMAT_TAG:
         raise ModelFormatError(f"{path.name}: not a KeyVID file made by `avsync convert keyvid` "
-                               f"(metadata format={meta.get('format')!r})")
+                               f"(metadata format={meta.get('format')!r}); convert with `{CONVERT_COMMAND}`")
     return state, meta
 
 
@@ -641,8 +624,7 @@ def convert_checkpoints(checkpoints: list, out_dir, dtype="fp16", imagebind: Opt
         raise ModelFormatError("give the generator and/or interpolator checkpoint")
     splits: dict[str, SplitCheckpoint] = {}
     for path in checkpoints:
-        state, _extra = read_lightning_checkpoint(path)
-        split = split_checkpoint(state, Path(path).name)
+        split = split_checkpoint(read_lightning_checkpoint(path), Path(path).name)
         if split.role in splits:
             raise ModelFormatError(f"{Path(path).name} and {splits[split.role].source} are both {split.role} "
                                    f"checkpoints; give one generator and/or one interpolator")
@@ -655,7 +637,9 @@ def convert_checkpoints(checkpoints: list, out_dir, dtype="fp16", imagebind: Opt
                 "the interpolator's ImageBind audio trunk is not taken from its checkpoint: the release drops those "
                 "keys and rebuilds ImageBind from imagebind_huge.pth with a stretched positional embedding. Pass "
                 f"--imagebind imagebind_huge.pth ({IMAGEBIND_URL}; facebookresearch/ImageBind, weights CC-BY-NC 4.0)")
-        ib_state, _ = read_lightning_checkpoint(imagebind)
+        ib_state = read_lightning_checkpoint(
+            imagebind, what=f"ImageBind-huge weights (imagebind_huge.pth, {IMAGEBIND_URL})",
+            required_prefixes=IMAGEBIND_AUDIO_PARTS)
         splits["interpolator"].components["imagebind_audio"] = imagebind_audio_from_pretrained(
             ib_state, params["interpolator"], Path(imagebind).name)
 
@@ -958,18 +942,14 @@ def _imagebind_params(config: dict) -> dict:
     raise ModelFormatError(f"ImageBind audio stride {stride} is not one of the released configurations")
 
 
+_ST_TORCH = {v: k for k, v in {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                                 torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}.items()}
+
+
 def _meta_like_lazy(state) -> dict:
-    """Shapes of a lazy safetensors mapping without reading its data."""
-    handles = getattr(state, "_where", None)
-    if handles is None:
-        return _meta_like(state)
-    out = {}
-    for k, (h, name) in handles.items():
-        sl = h.get_slice(name)
-        dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32}.get(sl.get_dtype(), torch.float32)
-        out[k] = torch.empty(tuple(sl.get_shape()), dtype=dt, device="meta")
-    return out
+    """Meta tensors of a checked safetensors mapping's shapes and dtypes: nothing is read."""
+    return {k: torch.empty(state.shape(k), dtype=_ST_TORCH.get(state.dtype_name(k), torch.float32), device="meta")
+            for k in state}
 
 
 # --------------------------------------------------------------------------------------
