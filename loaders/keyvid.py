@@ -75,6 +75,7 @@ from .svd import (
     _meta_module,
     auto_precision,
     build_clip_from_openclip,
+    check_state_fits,
     infer_clip_config,
     openclip_resblocks_to_transformers,
     parse_dtype,
@@ -469,19 +470,7 @@ def check_component(component: str, state: Mapping[str, torch.Tensor], model_par
         layout = expected_layout(component, state, model_params)
     except ModelFormatError as err:
         raise ModelFormatError(f"{source}: {err}") from None
-    missing = sorted(set(layout) - set(state))
-    unexpected = sorted(set(state) - set(layout))
-    if missing or unexpected:
-        raise ModelFormatError(
-            f"{what}: the tensors do not match the network"
-            + (f"; missing {len(missing)}: {', '.join(prefix + k for k in missing[:6])}" if missing else "")
-            + (f"; unexpected {len(unexpected)}: {', '.join(prefix + k for k in unexpected[:6])}" if unexpected else "")
-        )
-    bad = [k for k in sorted(state) if tuple(state[k].shape) != tuple(layout[k])]
-    if bad:
-        k = bad[0]
-        raise ModelFormatError(f"{what}: {len(bad)} tensors have the wrong shape, e.g. {prefix + k}: "
-                               f"file {tuple(state[k].shape)} vs network {tuple(layout[k])}")
+    check_state_fits(layout, state, what, shown=lambda k: prefix + k)
 
 
 # --------------------------------------------------------------------------------------

@@ -330,23 +330,29 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) 
     return module.eval().requires_grad_(False)
 
 
-def check_state_fits(own: Mapping[str, Any], state: Mapping[str, Any], what: str) -> None:
+def check_state_fits(own: Mapping[str, Any], state: Mapping[str, Any], what: str,
+                     shown: Callable[[str], str] = lambda k: k) -> None:
     """Raise :class:`ModelFormatError` naming missing / unexpected / mis-shaped tensors unless
-    ``state`` has exactly the names and shapes of ``own`` (values may be meta tensors)."""
+    ``state`` has exactly the names and shapes of ``own``. Values are tensors (meta ones do) or
+    shape tuples; ``shown`` turns a name into the one the user's file has (e.g. with its prefix)."""
+    def shape(v):
+        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise ModelFormatError(
             f"{what}: the weights do not match the network built from the config"
-            + (f"; missing {len(missing)} (e.g. {', '.join(missing[:4])})" if missing else "")
-            + (f"; unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:4])})" if unexpected else "")
+            + (f"; missing {len(missing)} (e.g. {', '.join(shown(k) for k in missing[:4])})" if missing else "")
+            + (f"; unexpected {len(unexpected)} (e.g. {', '.join(shown(k) for k in unexpected[:4])})"
+               if unexpected else "")
         )
-    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    bad = [k for k in sorted(state) if shape(state[k]) != shape(own[k])]
     if bad:
         k = bad[0]
         raise ModelFormatError(
-            f"{what}: {len(bad)} tensors have the wrong shape, e.g. {k}: file {tuple(state[k].shape)} "
-            f"vs network {tuple(own[k].shape)}"
+            f"{what}: {len(bad)} tensors have the wrong shape, e.g. {shown(k)}: file {shape(state[k])} "
+            f"vs network {shape(own[k])}"
         )
 
 
