@@ -17,6 +17,7 @@ constant initial values survive), so a wrong mapping cannot hide.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -41,13 +42,30 @@ PRETRAINED_AUDIO_TOKENS = 1 + 12 * 19   # imagebind_huge.pth: stride 10 over 204
 DIFFUSION_AUDIO_TOKENS = 1 + 12 * 48    # KeyVID: stride (10, 4)
 
 
-def tiny_model_params(role: str) -> dict:
+@dataclass
+class Sizes:
+    """Every component's size; :data:`TINY` for tests, bigger ones for bench/bench_keyvid_models.py."""
+
+    unet: dict = field(default_factory=lambda: dict(TINY_UNET))
+    vae: dict = field(default_factory=lambda: copy.deepcopy(TINY_VAE))
+    image_proj: dict = field(default_factory=lambda: dict(TINY_IMAGE_PROJ))
+    audio_proj: dict = field(default_factory=lambda: dict(TINY_AUDIO_PROJ))
+    text: dict = field(default_factory=lambda: dict(TEXT))
+    vision: dict = field(default_factory=lambda: dict(VISION))
+    audio: dict = field(default_factory=lambda: dict(AUDIO))
+    padding_bytes: int = 0   # extra unused ImageBind (vision trunk) tensors, as the release carries
+
+
+TINY = Sizes()
+
+
+def tiny_model_params(role: str, sizes: Sizes = TINY) -> dict:
     """``model.params`` of a tiny released-style yaml (what ``--generator-config`` reads)."""
     return {
-        "unet_config": {"params": dict(TINY_UNET, add_frame_idx=(role == "generator"))},
-        "first_stage_config": {"params": copy.deepcopy(TINY_VAE)},
-        "image_proj_stage_config": {"params": dict(TINY_IMAGE_PROJ)},
-        "audio_proj_stage_config": {"params": dict(TINY_AUDIO_PROJ)},
+        "unet_config": {"params": dict(sizes.unet, add_frame_idx=(role == "generator"))},
+        "first_stage_config": {"params": copy.deepcopy(sizes.vae)},
+        "image_proj_stage_config": {"params": dict(sizes.image_proj)},
+        "audio_proj_stage_config": {"params": dict(sizes.audio_proj)},
         "scale_factor": 0.18215,
     }
 
@@ -75,30 +93,30 @@ def _openclip_blocks(g, prefix: str, layers: int, width: int) -> dict:
     return out
 
 
-def _text_tower(g, prefix: str) -> dict:
-    w = TEXT["width"]
-    out = {prefix + "token_embedding.weight": _rand(g, TEXT["vocab"], w),
-           prefix + "positional_embedding": _rand(g, TEXT["ctx"], w),
+def _text_tower(g, prefix: str, text: dict) -> dict:
+    w = text["width"]
+    out = {prefix + "token_embedding.weight": _rand(g, text["vocab"], w),
+           prefix + "positional_embedding": _rand(g, text["ctx"], w),
            prefix + "ln_final.weight": 1 + _rand(g, w), prefix + "ln_final.bias": _rand(g, w),
-           prefix + "text_projection": _rand(g, w, TEXT["proj"]), prefix + "logit_scale": torch.tensor(4.6052)}
-    out.update(_openclip_blocks(g, prefix, TEXT["layers"], w))
+           prefix + "text_projection": _rand(g, w, text["proj"]), prefix + "logit_scale": torch.tensor(4.6052)}
+    out.update(_openclip_blocks(g, prefix, text["layers"], w))
     return out
 
 
-def _vision_tower(g, prefix: str) -> dict:
-    w, p = VISION["width"], VISION["patch"]
+def _vision_tower(g, prefix: str, vision: dict) -> dict:
+    w, p = vision["width"], vision["patch"]
     out = {prefix + "class_embedding": _rand(g, w), prefix + "conv1.weight": _rand(g, w, 3, p, p),
-           prefix + "positional_embedding": _rand(g, VISION["grid"] ** 2 + 1, w),
+           prefix + "positional_embedding": _rand(g, vision["grid"] ** 2 + 1, w),
            prefix + "ln_pre.weight": 1 + _rand(g, w), prefix + "ln_pre.bias": _rand(g, w),
            prefix + "ln_post.weight": 1 + _rand(g, w), prefix + "ln_post.bias": _rand(g, w),
-           prefix + "proj": _rand(g, w, VISION["proj"])}
-    out.update(_openclip_blocks(g, prefix, VISION["layers"], w))
+           prefix + "proj": _rand(g, w, vision["proj"])}
+    out.update(_openclip_blocks(g, prefix, vision["layers"], w))
     return out
 
 
-def _vae(g) -> dict:
-    """lvdm ``AutoencoderKL`` names (``ae_modules.Encoder/Decoder`` + quant convs) for TINY_VAE."""
-    dd = TINY_VAE["ddconfig"]
+def _vae(g, vae: dict) -> dict:
+    """lvdm ``AutoencoderKL`` names (``ae_modules.Encoder/Decoder`` + quant convs) for a ddconfig."""
+    dd = vae["ddconfig"]
     ch, mult, n = dd["ch"], dd["ch_mult"], dd["num_res_blocks"]
     out = {}
 
@@ -154,15 +172,15 @@ def _vae(g) -> dict:
     return out
 
 
-def _imagebind(g, tokens: int, with_others: bool = True) -> dict:
+def _imagebind(g, tokens: int, with_others: bool = True, audio: dict = AUDIO) -> dict:
     """ImageBind in its own names: the audio preprocessor + trunk, plus (like the release)
     other modalities' and the audio head's tensors that KeyVID never uses."""
-    d = AUDIO["width"]
+    d = audio["width"]
     pre, trunk = "modality_preprocessors.audio.", "modality_trunks.audio."
     out = {pre + "cls_token": _rand(g, 1, 1, d), pre + "rgbt_stem.proj.weight": _rand(g, d, 1, 16, 16),
            pre + "rgbt_stem.norm_layer.weight": 1 + _rand(g, d), pre + "rgbt_stem.norm_layer.bias": _rand(g, d),
            pre + "pos_embedding_helper.pos_embed": _rand(g, 1, tokens, d)}
-    for i in range(AUDIO["layers"]):
+    for i in range(audio["layers"]):
         b = f"{trunk}blocks.{i}."
         for name, shape in (("attn.in_proj_weight", (3 * d, d)), ("attn.in_proj_bias", (3 * d,)),
                             ("attn.bias_k", (1, 1, d)), ("attn.bias_v", (1, 1, d)),
@@ -180,9 +198,19 @@ def _imagebind(g, tokens: int, with_others: bool = True) -> dict:
     return out
 
 
-def tiny_imagebind_huge(seed: int = 7) -> dict:
+def _padding(g, nbytes: int) -> dict:
+    """Unused ImageBind tensors (its vision trunk's MLPs: 1280 wide, 5120 hidden) worth ``nbytes`` in fp32."""
+    out, i = {}, 1
+    while nbytes > 0:
+        out[f"modality_trunks.vision.blocks.{i}.mlp.fc1.weight"] = _rand(g, 5120, 1280)
+        nbytes -= 5120 * 1280 * 4
+        i += 1
+    return out
+
+
+def tiny_imagebind_huge(seed: int = 7, sizes: Sizes = TINY) -> dict:
     """A tiny ``imagebind_huge.pth``: bare ImageBind keys, pretrained audio grid (12 × 19 + CLS)."""
-    return _imagebind(torch.Generator().manual_seed(seed), PRETRAINED_AUDIO_TOKENS)
+    return _imagebind(torch.Generator().manual_seed(seed), PRETRAINED_AUDIO_TOKENS, audio=sizes.audio)
 
 
 def _schedule() -> dict:
@@ -201,7 +229,8 @@ def _schedule() -> dict:
             "scale_arr": torch.cat([torch.linspace(1.0, 0.7, 400), torch.full((1000,), 0.7)])}
 
 
-def tiny_state_dict(role: str, seed: int = 0, shared_seed: int = 1, imagebind_huge: Optional[dict] = None) -> dict:
+def tiny_state_dict(role: str, seed: int = 0, shared_seed: int = 1, imagebind_huge: Optional[dict] = None,
+                    sizes: Sizes = TINY) -> dict:
     """The released ``state_dict`` of a tiny generator / interpolator.
 
     Components both roles share (VAE, text and image towers, ImageBind, schedule) come from
@@ -213,22 +242,24 @@ def tiny_state_dict(role: str, seed: int = 0, shared_seed: int = 1, imagebind_hu
 
     g = torch.Generator().manual_seed(seed)
     gs = torch.Generator().manual_seed(shared_seed)
-    params = tiny_model_params(role)
+    params = tiny_model_params(role, sizes)
     with torch.device("meta"):
         unet = KeyVIDUNet.from_released_params(params["unet_config"]["params"])
-        image_proj = Resampler(**TINY_IMAGE_PROJ)
-        audio_proj = AudioResamplerWeights(**TINY_AUDIO_PROJ)
+        image_proj = Resampler(**sizes.image_proj)
+        audio_proj = AudioResamplerWeights(**sizes.audio_proj)
     state = {}
     state.update({"model.diffusion_model." + k: v for k, v in _randomize(unet, g).items()})
     state.update({"image_proj_model." + k: v for k, v in _randomize(image_proj, g).items()})
     state.update({"audio_proj_model." + k: v for k, v in _randomize(audio_proj, g).items()})
-    state.update({"first_stage_model." + k: v for k, v in _vae(gs).items()})
-    state.update({"cond_stage_model.model." + k: v for k, v in _text_tower(gs, "").items()})
+    state.update({"first_stage_model." + k: v for k, v in _vae(gs, sizes.vae).items()})
+    text = _text_tower(gs, "", sizes.text)
+    state.update({"cond_stage_model.model." + k: v for k, v in text.items()})
     # FrozenOpenCLIPImageEmbedderV2 deletes only model.transformer: the text embeddings stay
-    embedder = _text_tower(gs, "")
-    state.update({"embedder.model." + k: v for k, v in embedder.items() if not k.startswith("transformer.")})
-    state.update({"embedder.model." + k: v for k, v in _vision_tower(gs, "visual.").items()})
-    huge = dict(imagebind_huge if imagebind_huge is not None else tiny_imagebind_huge())
+    state.update({"embedder.model." + k: v.clone() for k, v in text.items() if not k.startswith("transformer.")})
+    state.update({"embedder.model." + k: v for k, v in _vision_tower(gs, "visual.", sizes.vision).items()})
+    huge = dict(imagebind_huge if imagebind_huge is not None else tiny_imagebind_huge(sizes=sizes))
+    if sizes.padding_bytes:
+        huge.update(_padding(gs, sizes.padding_bytes))
     key = "modality_preprocessors.audio.pos_embedding_helper.pos_embed"
     huge[key] = stretch_pos_embed(huge[key], 48, 12)
     state.update({"imagebind_model." + k: v.clone() for k, v in huge.items()})
@@ -254,7 +285,7 @@ def save_tiny_imagebind_huge(path, state: Optional[dict] = None) -> Path:
     return path
 
 
-def write_tiny_configs(folder) -> dict:
+def write_tiny_configs(folder, sizes: Sizes = TINY) -> dict:
     """Tiny released-style yamls (json is yaml) for ``--generator-config`` / ``--interpolator-config``."""
     import json
 
@@ -264,6 +295,6 @@ def write_tiny_configs(folder) -> dict:
     for role in ("generator", "interpolator"):
         p = folder / f"tiny_{role}.yaml"
         p.write_text(json.dumps({"model": {"target": "lvdm.models.ddpm3d.LatentVisualAudioDiffusion",
-                                           "params": tiny_model_params(role)}}, indent=1))
+                                           "params": tiny_model_params(role, sizes)}}, indent=1))
         out[role] = p
     return out
