@@ -942,6 +942,56 @@ def _meta_like_lazy(state) -> dict:
 
 
 # --------------------------------------------------------------------------------------
+# The prompt tokenizer (not part of the checkpoints)
+# --------------------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+TOKENIZER_SOURCE = ("the CLIP BPE vocabulary (vocab.json and merges.txt, MIT): inside ComfyUI its own copy "
+                    "comfy/sd1_tokenizer is used; otherwise copy those two files from ComfyUI's comfy/sd1_tokenizer "
+                    "or from https://huggingface.co/openai/clip-vit-large-patch14 into models/avsync/keyvid/tokenizer/")
+
+
+class OpenCLIPTokenizer:
+    """``open_clip.tokenize`` (what ``FrozenOpenCLIPEmbedder.forward`` calls) on transformers'
+    ``CLIPTokenizer``: ``<start_of_text>`` (49406), the BPE tokens, ``<end_of_text>`` (49407),
+    then zeros up to 77; a longer prompt keeps its first 75 tokens and ends with ``<end_of_text>``.
+    open_clip pads with id 0 (which is also the token ``!``), not with ``<end_of_text>`` as CLIP's
+    own tokenizer does; the padding is written here rather than by declaring ``!`` the pad token,
+    which would make the tokenizer swallow every ``!`` of a prompt."""
+
+    def __init__(self, folder, context_length: int = 77):
+        from transformers import CLIPTokenizer
+
+        # from_pretrained on the folder: the constructor's file arguments differ between transformers 4 and 5
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=context_length)
+        self.context_length = context_length
+        if self.tokenizer.convert_tokens_to_ids("!") != 0 or self.tokenizer.bos_token_id != 49406:
+            raise ModelFormatError(f"{folder}: not the CLIP BPE vocabulary ('!' is not token 0)")
+
+    def __call__(self, prompts) -> torch.Tensor:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        rows = self.tokenizer(prompts, truncation=True, max_length=self.context_length).input_ids
+        out = torch.zeros(len(rows), self.context_length, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
+
+
+def openclip_tokenizer(folder=None) -> OpenCLIPTokenizer:
+    """The prompt tokenizer, from ``folder``, ``models/avsync/keyvid/tokenizer/`` or ComfyUI's
+    ``comfy/sd1_tokenizer`` (first found); a :class:`MissingModelError` says where to get it."""
+    candidates = [Path(folder)] if folder else []
+    candidates += [p / "tokenizer" for p in compat.model_folder_paths(FOLDER)]
+    comfy_dir = compat.clip_bpe_tokenizer_dir()
+    if comfy_dir is not None:
+        candidates.append(comfy_dir)
+    for d in candidates:
+        if all((d / f).is_file() for f in TOKENIZER_FILES):
+            return OpenCLIPTokenizer(d)
+    raise MissingModelError("tokenizer/vocab.json + merges.txt", FOLDER, candidates, TOKENIZER_SOURCE)
+
+
+# --------------------------------------------------------------------------------------
 # The model that travels on the sockets
 # --------------------------------------------------------------------------------------
 

@@ -79,3 +79,39 @@ def test_vae_matches_lvdm_autoencoder_kl():
     # measured 9e-7 / 1.5e-6 (diffusers' attention and resnet op order vs lvdm's)
     assert _rel(moments, t["moments"]) <= 1e-5
     assert _rel(decoded, t["decoded"]) <= 1e-5
+
+
+def _clip_vocab_dir():
+    """A CLIP BPE vocabulary to test with: $AVSYNC_TEST_CLIP_VOCAB, or a ComfyUI checkout's
+    comfy/sd1_tokenizer next to this repository (the files are not shipped with AVSync)."""
+    import os
+
+    for d in [os.environ.get("AVSYNC_TEST_CLIP_VOCAB")] + [str(p / "comfy" / "comfy" / "sd1_tokenizer")
+                                                         for p in Path(__file__).resolve().parents]:
+        if d and (Path(d) / "vocab.json").is_file() and (Path(d) / "merges.txt").is_file():
+            return Path(d)
+    return None
+
+
+def test_tokenizer_matches_open_clip_tokenize():
+    import pytest
+
+    vocab = _clip_vocab_dir()
+    if vocab is None:
+        pytest.skip("no CLIP BPE vocabulary here (set AVSYNC_TEST_CLIP_VOCAB to a folder with vocab.json, merges.txt)")
+    data = json.loads((DATA / "openclip_tokens.json").read_text())
+    tok = keyvid.openclip_tokenizer(vocab)
+    ids = tok(data["prompts"])
+    assert ids.shape == (len(data["prompts"]), 77)
+    for row, want in zip(ids.tolist(), data["tokens"]):
+        assert row == want + [0] * (77 - len(want))   # index for index, zero padding included
+
+
+def test_tokenizer_missing_names_where_to_get_it(models_dir):
+    import pytest
+
+    from avsync.core.errors import MissingModelError
+
+    with pytest.raises(MissingModelError) as err:
+        keyvid.openclip_tokenizer()
+    assert "vocab.json" in str(err.value) and "sd1_tokenizer" in str(err.value)
