@@ -513,6 +513,8 @@ class KeyVIDUNet(nn.Module):
         if audio_cross_attention:
             for index, (attn, section, block, level) in enumerate(audio_layers):
                 attn.audio_layer_info = AudioLayerInfo(index, section, block, level)
+        # plain tuple (not registered as submodules) to check per-sample switches per call
+        self.__dict__["_audio_attn"] = tuple(a for a, *_ in audio_layers) if audio_cross_attention else ()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -550,6 +552,13 @@ class KeyVIDUNet(nn.Module):
         if frame_idx is None:
             frame_idx = fs
         b, _, t, hh, ww = x.shape
+        for attn in self._audio_attn:
+            off = attn.audio_switch.off
+            if isinstance(off, torch.Tensor) and off.numel() != b:
+                raise ValueError(f"audio_layers_off: samples mask has {off.numel()} entries but the model "
+                                 f"call has batch size {b}")
+        if self.fs_condition and fs is None:
+            raise ValueError("KeyVIDUNet: fs (frames per second, [B]) is required")
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).type(x.dtype))
 
         l_context = context.shape[1]

@@ -29,6 +29,16 @@ DATA = Path(__file__).parent / "data" / "keyvid"
 PARITY_RTOL = 1e-5   # issue 8: relative L2 in fp32; measured 1.3e-6 (generator) / 1.4e-6 (interpolator)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster than two on a shared machine (and
+    avoids spin-waiting when the CPUs are oversubscribed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _fixture(name):
     from safetensors import safe_open
     with safe_open(str(DATA / name), framework="pt") as f:
@@ -225,7 +235,9 @@ def test_imagebind_trunk_in_the_diffusion_configuration_matches_the_release():
     assert digest(released) == meta["pretrained_audio_sha256"]
     assert sorted(released) == meta["audio_keys"]
     trunk = build_audio_trunk_from_released(released, cfg, prefix="")
-    assert torch.equal(trunk.pos_embed.detach(), ref["pos_embed_stretched"])   # same op, same bits
+    # same F.interpolate call; its kernel differs by CPU capability: measured max |diff| 0 (AVX2),
+    # 1.9e-8 with ATEN_CPU_CAPABILITY=default, on values ~2e-2
+    assert torch.allclose(trunk.pos_embed.detach(), ref["pos_embed_stretched"], rtol=0, atol=1e-6)
     mel = portable_uniform((2, 1, 128, 204), "mel", meta["inputs_seed"], -2.0, 2.0)
     with torch.no_grad():
         out = trunk(mel)
@@ -238,7 +250,7 @@ def test_imagebind_trunk_in_the_diffusion_configuration_matches_the_release():
     again = build_audio_trunk_from_released(ckpt, num_heads=p["audio_num_heads"])
     assert again.cfg == cfg
     with torch.no_grad():
-        assert torch.equal(again(mel), out)
+        assert _rel(again(mel), ref["trunk_out"]) <= 1e-5
     del ckpt["imagebind_model.modality_trunks.audio.blocks.1.mlp.fc2.bias"]
     with pytest.raises(KeyError, match=r"imagebind_model\.modality_trunks\.audio\.blocks\.1\.mlp\.fc2\.bias"):
         build_audio_trunk_from_released(ckpt, num_heads=p["audio_num_heads"])
@@ -289,7 +301,8 @@ def test_token_plumbing_matches_the_release_index_for_index():
     interp = KT.interpolator_audio_tokens(rand)
     assert interp.shape == (2, 48, 12, 768)
     ends = torch.cat([interp[..., :4], interp[..., -4:]], dim=-1)
-    assert torch.equal(ends, ref["interpolator_audio"])   # same F.interpolate call: same bits
+    # same F.interpolate call: measured max |diff| 0 (AVX2), 1.5e-6 with ATEN_CPU_CAPABILITY=default (values ≤ 1.7)
+    assert torch.allclose(ends, ref["interpolator_audio"], rtol=0, atol=1e-5)
 
 
 def test_regrouped_chunks_straddle_frames_as_released():
