@@ -26,7 +26,9 @@ from avsync.networks.keyvid_unet import (GENERATOR_UNET_PARAMS, INTERPOLATOR_UNE
 from tests.factories.keyvid_networks import digest, portable_uniform, random_weights
 
 DATA = Path(__file__).parent / "data" / "keyvid"
-PARITY_RTOL = 1e-5   # issue 8: relative L2 in fp32; measured 1.3e-6 (generator) / 1.4e-6 (interpolator)
+# issue 8: relative L2 in fp32. Measured (this AMD CPU, 1 thread): generator 1.2e-6 (1.3e-6 with
+# ATEN_CPU_CAPABILITY=default), interpolator 1.4e-6 (1.5e-6): SDPA vs the release's einsum attention.
+PARITY_RTOL = 1e-5
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -200,8 +202,8 @@ def test_resampler_matches_the_released_resampler():
     x = portable_uniform((2, 10, meta["params"]["embedding_dim"]), "image_tokens", meta["inputs_seed"], -1.7, 1.7)
     with torch.no_grad():
         y = net(x)
-    # measured 6e-8: same ops in the same order as the reference
-    assert _rel(y, ref["y"]) <= 1e-6
+    # measured 0 (same ops in the same order), 3.8e-7 with ATEN_CPU_CAPABILITY=default
+    assert _rel(y, ref["y"]) <= PARITY_RTOL
     audio = AudioResamplerWeights.from_released_params(meta["audio_resampler_params"])
     assert {k: list(v.shape) for k, v in audio.state_dict().items()} == meta["audio_resampler_keys"]
     with pytest.raises(NotImplementedError):
@@ -242,8 +244,8 @@ def test_imagebind_trunk_in_the_diffusion_configuration_matches_the_release():
     with torch.no_grad():
         out = trunk(mel)
     assert out.shape == (2, 577, p["audio_embed_dim"])
-    # measured 4e-7: SDPA vs nn.MultiheadAttention
-    assert _rel(out, ref["trunk_out"]) <= 1e-5
+    # measured 1.7e-7 (2.2e-7 with ATEN_CPU_CAPABILITY=default): SDPA vs nn.MultiheadAttention
+    assert _rel(out, ref["trunk_out"]) <= PARITY_RTOL
     # the same tensors under the checkpoint's prefix, already stretched, load as they are
     ckpt = {"imagebind_model." + k: v for k, v in released.items()}
     ckpt["imagebind_model.modality_preprocessors.audio.pos_embedding_helper.pos_embed"] = ref["pos_embed_stretched"]
