@@ -102,10 +102,13 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
 
 
 class GroupNorm32(nn.GroupNorm):
-    """``lvdm/basics.py:GroupNormSpecific``: GroupNorm computed in fp32."""
+    """``lvdm/basics.py:GroupNormSpecific``: GroupNorm computed in fp32 (also with bf16/fp16
+    weights, which the release never had: it upcasts only the input)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
 
 
 def _mlp(dim_in: int, dim: int) -> nn.Sequential:
@@ -433,8 +436,13 @@ class KeyVIDUNet(nn.Module):
 
         def heads_for(ch):
             if num_head_channels == -1:
-                return num_heads, ch // num_heads
-            return ch // num_head_channels, num_head_channels
+                heads, dim_head = num_heads, ch // num_heads
+            else:
+                heads, dim_head = ch // num_head_channels, num_head_channels
+            if heads < 1 or heads * dim_head != ch:
+                raise ValueError(f"{ch} channels do not split into heads (num_heads {num_heads}, "
+                                 f"num_head_channels {num_head_channels})")
+            return heads, dim_head
 
         audio_layers: list[tuple[TextImageAudioAttention, str, int, int]] = []
 
@@ -536,7 +544,7 @@ class KeyVIDUNet(nn.Module):
         return cls(**params)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
                 c_audio: Optional[torch.Tensor] = None, features_adapter=None, fs: Optional[torch.Tensor] = None,
                 frame_idx: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """``openaimodel3d_v4.py:UNetModel.forward``, same arguments.
@@ -561,6 +569,8 @@ class KeyVIDUNet(nn.Module):
             raise ValueError("KeyVIDUNet: fs (frames per second, [B]) is required")
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).type(x.dtype))
 
+        if context is None:
+            raise ValueError("KeyVIDUNet: context is required ([B, 77 + 16·T, context_dim])")
         l_context = context.shape[1]
         if l_context != TEXT_CONTEXT_LEN + t * IMAGE_CONTEXT_LEN:
             raise ValueError(f"context has {l_context} tokens; KeyVID needs exactly "

@@ -23,22 +23,12 @@ from avsync.networks.imagebind_audio import (ImageBindAudioTrunk, build_audio_tr
 from avsync.networks.keyvid_resampler import IMAGE_PROJ_PARAMS, AudioResamplerWeights, Resampler
 from avsync.networks.keyvid_unet import (GENERATOR_UNET_PARAMS, INTERPOLATOR_UNET_PARAMS, UNET_PREFIX, KeyVIDUNet,
                                          load_released_state_dict)
-from tests.factories.keyvid_networks import digest, portable_uniform, random_weights
+from tests.factories.keyvid_networks import digest, one_thread, portable_uniform, random_weights  # noqa: F401 (one_thread: autouse fixture)
 
 DATA = Path(__file__).parent / "data" / "keyvid"
 # issue 8: relative L2 in fp32. Measured (this AMD CPU, 1 thread): generator 1.2e-6 (1.3e-6 with
 # ATEN_CPU_CAPABILITY=default), interpolator 1.4e-6 (1.5e-6): SDPA vs the release's einsum attention.
 PARITY_RTOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than two on a shared machine (and
-    avoids spin-waiting when the CPUs are oversubscribed)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _fixture(name):
@@ -237,7 +227,7 @@ def test_imagebind_trunk_in_the_diffusion_configuration_matches_the_release():
     assert digest(released) == meta["pretrained_audio_sha256"]
     assert sorted(released) == meta["audio_keys"]
     trunk = build_audio_trunk_from_released(released, cfg, prefix="")
-    # same F.interpolate call; its kernel differs by CPU capability: measured max |diff| 0 (AVX2),
+    # same F.interpolate call; its kernel differs by CPU capability: measured max |diff| 0 (default dispatch, AVX-512 here),
     # 1.9e-8 with ATEN_CPU_CAPABILITY=default, on values ~2e-2
     assert torch.allclose(trunk.pos_embed.detach(), ref["pos_embed_stretched"], rtol=0, atol=1e-6)
     mel = portable_uniform((2, 1, 128, 204), "mel", meta["inputs_seed"], -2.0, 2.0)
@@ -303,7 +293,7 @@ def test_token_plumbing_matches_the_release_index_for_index():
     interp = KT.interpolator_audio_tokens(rand)
     assert interp.shape == (2, 48, 12, 768)
     ends = torch.cat([interp[..., :4], interp[..., -4:]], dim=-1)
-    # same F.interpolate call: measured max |diff| 0 (AVX2), 1.5e-6 with ATEN_CPU_CAPABILITY=default (values ≤ 1.7)
+    # same F.interpolate call: measured max |diff| 0 (default dispatch, AVX-512 here), 1.5e-6 with ATEN_CPU_CAPABILITY=default (values ≤ 1.7)
     assert torch.allclose(ends, ref["interpolator_audio"], rtol=0, atol=1e-5)
 
 

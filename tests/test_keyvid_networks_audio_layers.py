@@ -7,23 +7,13 @@ import torch
 
 from avsync.networks.audio_layers import audio_layers_off, list_audio_layers
 from avsync.networks.keyvid_unet import GENERATOR_UNET_PARAMS, KeyVIDUNet
-from tests.factories.keyvid_networks import portable_uniform, random_weights
+from tests.factories.keyvid_networks import one_thread, portable_uniform, random_weights  # noqa: F401 (one_thread: autouse fixture)
 
 # a small own-test config: context_dim 64 (the port sizes audio_proj_2 by context_dim; the
 # release hard-codes 1024, which the parity fixtures keep), two levels with attention at both
 SMALL = dict(GENERATOR_UNET_PARAMS, model_channels=32, channel_mult=[1, 2], attention_resolutions=[1, 2],
              num_head_channels=16, num_res_blocks=1, context_dim=64)
 B, T, H, W = 3, 4, 8, 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than two on a shared machine (and
-    avoids spin-waiting when the CPUs are oversubscribed)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def build_small():

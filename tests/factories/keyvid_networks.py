@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import Mapping
 
+import pytest
 import torch
 
 _MASK = 0xFFFFFFFF
@@ -67,3 +68,13 @@ def digest(tensors: Mapping[str, torch.Tensor]) -> str:
         t = tensors[k].detach().to(torch.float32).contiguous()
         h.update(k.encode()); h.update(str(tuple(t.shape)).encode()); h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to run it on one intra-op thread: the tiny KeyVID networks
+    are faster that way on a shared machine (no spin-waiting on oversubscribed CPUs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
