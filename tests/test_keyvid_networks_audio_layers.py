@@ -6,27 +6,8 @@ import pytest
 import torch
 
 from avsync.networks.audio_layers import audio_layers_off, list_audio_layers
-from avsync.networks.keyvid_unet import GENERATOR_UNET_PARAMS, KeyVIDUNet
-from tests.factories.keyvid_networks import one_thread, portable_uniform, random_weights  # noqa: F401 (one_thread: autouse fixture)
+from tests.factories.keyvid_networks import build_small, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
-# a small own-test config: context_dim 64 (the port sizes audio_proj_2 by context_dim; the
-# release hard-codes 1024, which the parity fixtures keep), two levels with attention at both
-SMALL = dict(GENERATOR_UNET_PARAMS, model_channels=32, channel_mult=[1, 2], attention_resolutions=[1, 2],
-             num_head_channels=16, num_res_blocks=1, context_dim=64)
-B, T, H, W = 3, 4, 8, 8
-
-
-def build_small():
-    net = KeyVIDUNet.from_released_params(SMALL).eval()
-    weights = random_weights(net.state_dict(), seed=11)
-    net.load_state_dict(weights)
-    ins = {"x": portable_uniform((B, 8, T, H, W), "x", 11, -1.7, 1.7),
-           "timesteps": torch.tensor([900, 400, 20]),
-           "context": portable_uniform((B, 77 + 16 * T, 64), "context", 11, -1.7, 1.7),
-           "c_audio": portable_uniform((B, T, 12, 768), "c_audio", 11, -1.7, 1.7),
-           "fs": torch.tensor([6, 6, 6]),
-           "frame_idx": torch.tensor([[0, 5, 20, 47], [0, 9, 30, 44], [0, 1, 2, 3]])}
-    return net, weights, ins
 
 
 @pytest.fixture(scope="module")
