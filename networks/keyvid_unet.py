@@ -102,10 +102,13 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
 
 
 class GroupNorm32(nn.GroupNorm):
-    """``lvdm/basics.py:GroupNormSpecific``: GroupNorm computed in fp32."""
+    """``lvdm/basics.py:GroupNormSpecific``: GroupNorm computed in fp32 (also with bf16/fp16
+    weights, which the release never had: it upcasts only the input)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
 
 
 def _mlp(dim_in: int, dim: int) -> nn.Sequential:
@@ -433,8 +436,13 @@ class KeyVIDUNet(nn.Module):
 
         def heads_for(ch):
             if num_head_channels == -1:
-                return num_heads, ch // num_heads
-            return ch // num_head_channels, num_head_channels
+                heads, dim_head = num_heads, ch // num_heads
+            else:
+                heads, dim_head = ch // num_head_channels, num_head_channels
+            if heads < 1 or heads * dim_head != ch:
+                raise ValueError(f"{ch} channels do not split into heads (num_heads {num_heads}, "
+                                 f"num_head_channels {num_head_channels})")
+            return heads, dim_head
 
         audio_layers: list[tuple[TextImageAudioAttention, str, int, int]] = []
 
@@ -513,6 +521,8 @@ class KeyVIDUNet(nn.Module):
         if audio_cross_attention:
             for index, (attn, section, block, level) in enumerate(audio_layers):
                 attn.audio_layer_info = AudioLayerInfo(index, section, block, level)
+        # plain tuple (not registered as submodules) to check per-sample switches per call
+        self.__dict__["_audio_attn"] = tuple(a for a, *_ in audio_layers) if audio_cross_attention else ()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -534,7 +544,7 @@ class KeyVIDUNet(nn.Module):
         return cls(**params)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
                 c_audio: Optional[torch.Tensor] = None, features_adapter=None, fs: Optional[torch.Tensor] = None,
                 frame_idx: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """``openaimodel3d_v4.py:UNetModel.forward``, same arguments.
@@ -550,8 +560,17 @@ class KeyVIDUNet(nn.Module):
         if frame_idx is None:
             frame_idx = fs
         b, _, t, hh, ww = x.shape
+        for attn in self._audio_attn:
+            off = attn.audio_switch.off
+            if isinstance(off, torch.Tensor) and off.numel() != b:
+                raise ValueError(f"audio_layers_off: samples mask has {off.numel()} entries but the model "
+                                 f"call has batch size {b}")
+        if self.fs_condition and fs is None:
+            raise ValueError("KeyVIDUNet: fs (frames per second, [B]) is required")
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).type(x.dtype))
 
+        if context is None:
+            raise ValueError("KeyVIDUNet: context is required ([B, 77 + 16·T, context_dim])")
         l_context = context.shape[1]
         if l_context != TEXT_CONTEXT_LEN + t * IMAGE_CONTEXT_LEN:
             raise ValueError(f"context has {l_context} tokens; KeyVID needs exactly "

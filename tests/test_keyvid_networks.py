@@ -23,10 +23,12 @@ from avsync.networks.imagebind_audio import (ImageBindAudioTrunk, build_audio_tr
 from avsync.networks.keyvid_resampler import IMAGE_PROJ_PARAMS, AudioResamplerWeights, Resampler
 from avsync.networks.keyvid_unet import (GENERATOR_UNET_PARAMS, INTERPOLATOR_UNET_PARAMS, UNET_PREFIX, KeyVIDUNet,
                                          load_released_state_dict)
-from tests.factories.keyvid_networks import digest, portable_uniform, random_weights
+from tests.factories.keyvid_networks import digest, one_thread, portable_uniform, random_weights  # noqa: F401 (one_thread: autouse fixture)
 
 DATA = Path(__file__).parent / "data" / "keyvid"
-PARITY_RTOL = 1e-5   # issue 8: relative L2 in fp32; measured 1.3e-6 (generator) / 1.4e-6 (interpolator)
+# issue 8: relative L2 in fp32. Measured (this AMD CPU, 1 thread): generator 1.2e-6 (1.3e-6 with
+# ATEN_CPU_CAPABILITY=default), interpolator 1.4e-6 (1.5e-6): SDPA vs the release's einsum attention.
+PARITY_RTOL = 1e-5
 
 
 def _fixture(name):
@@ -190,8 +192,8 @@ def test_resampler_matches_the_released_resampler():
     x = portable_uniform((2, 10, meta["params"]["embedding_dim"]), "image_tokens", meta["inputs_seed"], -1.7, 1.7)
     with torch.no_grad():
         y = net(x)
-    # measured 6e-8: same ops in the same order as the reference
-    assert _rel(y, ref["y"]) <= 1e-6
+    # measured 0 (same ops in the same order), 3.8e-7 with ATEN_CPU_CAPABILITY=default
+    assert _rel(y, ref["y"]) <= PARITY_RTOL
     audio = AudioResamplerWeights.from_released_params(meta["audio_resampler_params"])
     assert {k: list(v.shape) for k, v in audio.state_dict().items()} == meta["audio_resampler_keys"]
     with pytest.raises(NotImplementedError):
@@ -225,20 +227,22 @@ def test_imagebind_trunk_in_the_diffusion_configuration_matches_the_release():
     assert digest(released) == meta["pretrained_audio_sha256"]
     assert sorted(released) == meta["audio_keys"]
     trunk = build_audio_trunk_from_released(released, cfg, prefix="")
-    assert torch.equal(trunk.pos_embed.detach(), ref["pos_embed_stretched"])   # same op, same bits
+    # same F.interpolate call; its kernel differs by CPU capability: measured max |diff| 0 (default dispatch, AVX-512 here),
+    # 1.9e-8 with ATEN_CPU_CAPABILITY=default, on values ~2e-2
+    assert torch.allclose(trunk.pos_embed.detach(), ref["pos_embed_stretched"], rtol=0, atol=1e-6)
     mel = portable_uniform((2, 1, 128, 204), "mel", meta["inputs_seed"], -2.0, 2.0)
     with torch.no_grad():
         out = trunk(mel)
     assert out.shape == (2, 577, p["audio_embed_dim"])
-    # measured 4e-7: SDPA vs nn.MultiheadAttention
-    assert _rel(out, ref["trunk_out"]) <= 1e-5
+    # measured 1.7e-7 (2.2e-7 with ATEN_CPU_CAPABILITY=default): SDPA vs nn.MultiheadAttention
+    assert _rel(out, ref["trunk_out"]) <= PARITY_RTOL
     # the same tensors under the checkpoint's prefix, already stretched, load as they are
     ckpt = {"imagebind_model." + k: v for k, v in released.items()}
     ckpt["imagebind_model.modality_preprocessors.audio.pos_embedding_helper.pos_embed"] = ref["pos_embed_stretched"]
     again = build_audio_trunk_from_released(ckpt, num_heads=p["audio_num_heads"])
     assert again.cfg == cfg
     with torch.no_grad():
-        assert torch.equal(again(mel), out)
+        assert _rel(again(mel), ref["trunk_out"]) <= 1e-5
     del ckpt["imagebind_model.modality_trunks.audio.blocks.1.mlp.fc2.bias"]
     with pytest.raises(KeyError, match=r"imagebind_model\.modality_trunks\.audio\.blocks\.1\.mlp\.fc2\.bias"):
         build_audio_trunk_from_released(ckpt, num_heads=p["audio_num_heads"])
@@ -289,7 +293,8 @@ def test_token_plumbing_matches_the_release_index_for_index():
     interp = KT.interpolator_audio_tokens(rand)
     assert interp.shape == (2, 48, 12, 768)
     ends = torch.cat([interp[..., :4], interp[..., -4:]], dim=-1)
-    assert torch.equal(ends, ref["interpolator_audio"])   # same F.interpolate call: same bits
+    # same F.interpolate call: measured max |diff| 0 (default dispatch, AVX-512 here), 1.5e-6 with ATEN_CPU_CAPABILITY=default (values ≤ 1.7)
+    assert torch.allclose(ends, ref["interpolator_audio"], rtol=0, atol=1e-5)
 
 
 def test_regrouped_chunks_straddle_frames_as_released():
@@ -315,3 +320,17 @@ def test_build_context_layout():
         KT.build_context(torch.zeros(2, 76, 8), image)
     with pytest.raises(ValueError, match="16 tokens per frame"):
         KT.build_context(text, image[:, :-1])
+
+
+def test_bf16_forward_follows_fp32():
+    """The loaders offer bf16: GroupNorm32 computes in fp32 with bf16 weights, the rest in bf16."""
+    from tests.factories.keyvid_networks import build_small
+    net, _, ins = build_small()
+    with torch.no_grad():
+        ref = net(**ins)
+        net.to(torch.bfloat16)
+        low = net(**{k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in ins.items()})
+    assert low.dtype == torch.bfloat16
+    # bf16 keeps 8 mantissa bits (3.9e-3 per rounding), compounded over ~40 layers of random
+    # weights: measured relative L2 2.4e-2; the bound only rules out a broken bf16 path
+    assert _rel(low.float(), ref) < 0.1

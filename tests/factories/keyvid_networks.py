@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import Mapping
 
+import pytest
 import torch
 
 _MASK = 0xFFFFFFFF
@@ -67,3 +68,38 @@ def digest(tensors: Mapping[str, torch.Tensor]) -> str:
         t = tensors[k].detach().to(torch.float32).contiguous()
         h.update(k.encode()); h.update(str(tuple(t.shape)).encode()); h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to run it on one intra-op thread: the tiny KeyVID networks
+    are faster that way on a shared machine (no spin-waiting on oversubscribed CPUs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# A small own-test UNet: context_dim 64 (the port sizes audio_proj_2 by context_dim; the release
+# hard-codes 1024, which the parity fixtures keep), two levels with attention at both, 7 audio layers.
+def small_unet_params() -> dict:
+    from avsync.networks.keyvid_unet import GENERATOR_UNET_PARAMS
+    return dict(GENERATOR_UNET_PARAMS, model_channels=32, channel_mult=[1, 2], attention_resolutions=[1, 2],
+                num_head_channels=16, num_res_blocks=1, context_dim=64)
+
+
+def build_small(batch: int = 3, frames: int = 4, size: int = 8, seed: int = 11):
+    """``(net, weights, inputs)``: the small UNet in eval mode with portable random weights
+    and a batch of inputs (keyword names as ``KeyVIDUNet.forward`` takes them)."""
+    from avsync.networks.keyvid_unet import KeyVIDUNet
+    net = KeyVIDUNet.from_released_params(small_unet_params()).eval()
+    weights = random_weights(net.state_dict(), seed=seed)
+    net.load_state_dict(weights)
+    frame_idx = torch.tensor([[0, 5, 20, 47], [0, 9, 30, 44], [0, 1, 2, 3]])
+    ins = {"x": portable_uniform((batch, 8, frames, size, size), "x", seed, -1.7, 1.7),
+           "timesteps": torch.tensor([900, 400, 20])[:batch],
+           "context": portable_uniform((batch, 77 + 16 * frames, 64), "context", seed, -1.7, 1.7),
+           "c_audio": portable_uniform((batch, frames, 12, 768), "c_audio", seed, -1.7, 1.7),
+           "fs": torch.full((batch,), 6),
+           "frame_idx": frame_idx[:batch, :frames]}
+    return net, weights, ins
