@@ -638,6 +638,8 @@ def convert_checkpoints(checkpoints: list, out_dir, dtype="fp16", imagebind: Opt
             source = split.source if not (role == "interpolator" and comp == "imagebind_audio") else Path(imagebind).name
             check_component(comp, split.components[comp], params[role], source)
 
+    log(f"checked {', '.join(f'{r} ({s.source})' for r, s in splits.items())}: every component matches its network")
+
     # 2. shared components: stored once when identical, else per role (and the differences named)
     plan: list[tuple[str, Optional[str], Mapping[str, torch.Tensor], str]] = []  # comp, role, tensors, source
     shared_report: dict[str, str] = {}
@@ -706,6 +708,7 @@ def convert_checkpoints(checkpoints: list, out_dir, dtype="fp16", imagebind: Opt
             meta["companion_sha256"] = json.dumps({c: sha_of.get(f) or sha256_file(out_dir / f)
                                                    for c, f in companions[role].items() if c != "unet"})
         dtypes = {k: _target_dtype(comp, t, dtype) for k, t in tensors.items()}
+        log(f"writing {out_dir / fname} ({len(tensors)} tensors, {COMPONENTS[comp][1]})")
         digest, size = write_safetensors_streamed(out_dir / fname, tensors, dtypes, meta)
         sha_of[fname] = digest
         written.append(WrittenFile(out_dir / fname, comp, role, digest, size))
