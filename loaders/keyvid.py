@@ -934,8 +934,7 @@ def _imagebind_params(config: dict) -> dict:
     raise ModelFormatError(f"ImageBind audio stride {stride} is not one of the released configurations")
 
 
-_ST_TORCH = {v: k for k, v in {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-                                 torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}.items()}
+_ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 
 
 def _meta_like_lazy(state) -> dict:
