@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from safetensors import safe_open
 from avsync.core.errors import MissingModelError, ModelFormatError
 from avsync.loaders import keyvid
 from tests.factories import keyvid as fk
+from tests.test_compat import fake_comfy  # noqa: F401  (ComfyUI stand-ins, used as a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -341,3 +343,24 @@ def test_loader_nodes_load_each_role_from_the_models_folder(converted, models_di
     with pytest.raises(MissingModelError) as err:
         run_node("AVSyncKeyVIDGeneratorLoader", unet="keyvid_generator_unet.safetensors", precision="bf16")
     assert "keyvid_text_encoder.safetensors" in str(err.value) and "avsync convert keyvid" in str(err.value)
+
+
+def test_inside_comfyui_every_network_is_a_patcher_and_companions_come_from_any_keyvid_folder(
+        converted, fake_comfy, tmp_path):
+    from avsync.cli.common import run_node
+
+    calls, fp = fake_comfy
+    out, _ = converted
+    first, second = tmp_path / "first", tmp_path / "second"   # e.g. extra_model_paths.yaml + models/avsync/keyvid
+    first.mkdir()
+    shutil.copytree(out, second)
+    shutil.move(str(second / "keyvid_generator_unet.safetensors"), first)
+    fp.folder_names_and_paths["avsync_keyvid"] = ([str(first), str(second)], {".safetensors"})
+    fp.get_filename_list = lambda name: sorted(
+        p.name for d in fp.folder_names_and_paths[name][0] for p in Path(d).iterdir())
+    (model,) = run_node("AVSyncKeyVIDGeneratorLoader", unet="keyvid_generator_unet.safetensors", precision="fp32")
+    assert model.files["unet"].startswith(str(first)) and model.files["vae"].startswith(str(second))
+    managed = model.managed()
+    assert all(m.patcher is not None for m in managed.values()) and calls.count("patcher") == len(managed)
+    assert managed["vae"].load() is model.vae.module
+    assert ("load_models_gpu", 1, True) in calls
