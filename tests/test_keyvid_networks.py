@@ -67,6 +67,7 @@ def _fixture_weights(name):
         shapes = KeyVIDUNet.from_released_params(meta["unet_params"]).state_dict()
     weights = random_weights(shapes, meta["weights_seed"])
     assert digest(weights) == meta["weights_sha256"], "portable weight generator changed: remake the fixtures"
+    assert all(bool(v.ne(0).all()) for v in weights.values())   # no zero init left anywhere
     ins = unet_inputs(meta)
     assert digest({k: v.float() for k, v in ins.items()}) == meta["inputs_sha256"]
     return ref, meta, weights, ins
