@@ -131,7 +131,8 @@ def load_demix_model(path: str | Path) -> DemixModel:
                                f"checkpoint once with `avsync convert demix {path.name} {path.stem}.safetensors`")
     checked = open_checked(path, what="a converted MRX demix model (e.g. mrx_default.safetensors)",
                            required_prefixes=("_encoders.", "_decoders."),
-                           family_hint="convert a released checkpoint with `avsync convert demix IN.pth OUT.safetensors`")
+                           family_hint="convert a released checkpoint with "
+                                       "`avsync convert demix IN.pth OUT.safetensors`")
     meta = checked.metadata
     sd = {k: checked[k] for k in checked}
     family = meta.get("avsync_family", "mrx")

@@ -18,8 +18,8 @@ WHAT = "a test model"
 
 def _good(tmp_path, name="good.safetensors"):
     p = tmp_path / name
-    save_file({"a.weight": torch.arange(6, dtype=torch.float16).reshape(2, 3), "b.bias": torch.ones(4, dtype=torch.bfloat16)},
-              str(p), metadata={"k": "v"})
+    save_file({"a.weight": torch.arange(6, dtype=torch.float16).reshape(2, 3),
+               "b.bias": torch.ones(4, dtype=torch.bfloat16)}, str(p), metadata={"k": "v"})
     return p
 
 
