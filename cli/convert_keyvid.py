@@ -5,6 +5,8 @@ checked tensor by tensor and stored once."""
 
 from __future__ import annotations
 
+from .common import add_common_options, check_input_file, check_output_dir, staged_outputs
+
 
 def register(kinds) -> None:
     p = kinds.add_parser(
@@ -18,7 +20,8 @@ def register(kinds) -> None:
     p.add_argument("checkpoints", nargs="+", metavar="CKPT",
                    help="released Lightning .ckpt files (read with weights_only=True, memory-mapped)")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="folder to write into (for ComfyUI: models/avsync/keyvid)")
+                   help="folder to write into (for ComfyUI: models/avsync/keyvid); shared files already there are "
+                        "compared and kept when identical")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                    help="precision of the stored weights (default fp16, the released inference precision); "
                         "the diffusion schedule always stays fp32")
@@ -30,10 +33,11 @@ def register(kinds) -> None:
                         "(default: the released configuration)")
     p.add_argument("--interpolator-config", metavar="YAML",
                    help="configs/inference/keyframe_interpolation.yaml, likewise")
+    add_common_options(p)
     p.set_defaults(func=run)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -42,21 +46,26 @@ def _size(n: int) -> str:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from ..core.errors import InputError
     from ..loaders import keyvid
 
-    for path in list(args.checkpoints) + ([args.imagebind] if args.imagebind else []):
-        if not Path(path).is_file():
-            raise InputError("checkpoints" if path != args.imagebind else "--imagebind", f"{path}: no such file")
+    for path in args.checkpoints:
+        check_input_file(path, "CKPT")
+    for option in ("imagebind", "generator_config", "interpolator_config"):
+        if getattr(args, option):
+            check_input_file(getattr(args, option), "--" + option.replace("_", "-"))
+    out = check_output_dir(args.out, "--out", (), force=True)  # which files would be overwritten: below
+    quiet = getattr(args, "quiet", False)
     configs = {}
     if args.generator_config:
         configs["generator"] = keyvid.read_config_file(args.generator_config)
     if args.interpolator_config:
         configs["interpolator"] = keyvid.read_config_file(args.interpolator_config)
-    report = keyvid.convert_checkpoints(args.checkpoints, args.out, dtype=args.dtype, imagebind=args.imagebind,
-                                        configs=configs)
+    with staged_outputs() as stage:
+        report = keyvid.convert_checkpoints(args.checkpoints, out, dtype=args.dtype, imagebind=args.imagebind,
+                                            configs=configs, log=(lambda m: None) if quiet else print,
+                                            overwrite=getattr(args, "force", False), stage=stage)
+    if quiet:
+        return 0
     for role, src in report.roles.items():
         print(f"{role}: {src}")
         for reason, n in report.dropped.get(role, {}).items():

@@ -600,11 +600,16 @@ def _describe(diffs: list[str], prefix: str) -> str:
 
 
 def convert_checkpoints(checkpoints: list, out_dir, dtype="fp16", imagebind: Optional[str] = None,
-                        configs: Optional[dict] = None, log: Callable[[str], None] = print) -> ConversionReport:
+                        configs: Optional[dict] = None, log: Callable[[str], None] = print,
+                        overwrite: bool = False, stage: Optional[Callable[[Path], Path]] = None) -> ConversionReport:
     """Convert one or both released checkpoints into ``out_dir``; see the module docstring.
 
     ``configs``: role -> ``model.params`` dict (default: the released yamls'). Every check runs
-    before the first byte is written.
+    before the first byte is written, including that no file would be overwritten unless
+    ``overwrite`` (shared files already in the folder are compared, not overwritten).
+    ``stage(final) -> temporary path`` lets a caller write every file under a temporary name and
+    rename them all at the end (``cli/common.py:staged_outputs``); without it each file is
+    renamed into place as soon as it is complete.
     """
     dtype = parse_dtype(dtype)
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
@@ -693,6 +698,13 @@ def convert_checkpoints(checkpoints: list, out_dir, dtype="fp16", imagebind: Opt
         else:
             shared_report[comp] = f"{first} only"
 
+    clobbered = [fname for comp, role, _, _ in plan
+                 if (out_dir / (fname := component_filename(comp, role))).exists()]
+    if clobbered and not overwrite:
+        from ..core.errors import InputError
+
+        raise InputError("--out", f"{out_dir} already holds {', '.join(clobbered)}; pass --force to overwrite")
+
     # 3. write (UNet files last: their metadata names the companions and their sha256)
     written: list[WrittenFile] = []
     plan.sort(key=lambda p: p[0] == "unet")
@@ -709,7 +721,8 @@ def convert_checkpoints(checkpoints: list, out_dir, dtype="fp16", imagebind: Opt
                                                    for c, f in companions[role].items() if c != "unet"})
         dtypes = {k: _target_dtype(comp, t, dtype) for k, t in tensors.items()}
         log(f"writing {out_dir / fname} ({len(tensors)} tensors, {COMPONENTS[comp][1]})")
-        digest, size = write_safetensors_streamed(out_dir / fname, tensors, dtypes, meta)
+        target = stage(out_dir / fname) if stage is not None else out_dir / fname
+        digest, size = write_safetensors_streamed(target, tensors, dtypes, meta)
         sha_of[fname] = digest
         written.append(WrittenFile(out_dir / fname, comp, role, digest, size))
     names = {w.path.name for w in written}

@@ -364,3 +364,35 @@ def test_inside_comfyui_every_network_is_a_patcher_and_companions_come_from_any_
     assert all(m.patcher is not None for m in managed.values()) and calls.count("patcher") == len(managed)
     assert managed["vae"].load() is model.vae.module
     assert ("load_models_gpu", 1, True) in calls
+
+
+def test_cli_refuses_to_overwrite_without_force_and_writes_nothing_on_error(release, tmp_path, capsys, monkeypatch):
+    from avsync.cli import main
+
+    gen_cfg = str(release["config_files"]["generator"])
+    args = ["convert", "keyvid", str(release["gen"]), "--out", str(tmp_path), "--generator-config", gen_cfg, "-q"]
+    assert main(args) == 0 and capsys.readouterr().out == ""
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "keyvid_generator_unet.safetensors" in err and "--force" in err
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    assert main(args + ["--force"]) == 0
+    # an error in the middle of writing leaves neither temporary nor final files behind
+    from avsync.cli.common import staged_outputs
+
+    fresh = tmp_path / "fresh"
+    real_write = keyvid.write_safetensors_streamed
+    written = []
+
+    def failing_write(path, *a, **kw):
+        if len(written) == 3:
+            raise OSError("disk full")
+        written.append(path)
+        return real_write(path, *a, **kw)
+
+    monkeypatch.setattr(keyvid, "write_safetensors_streamed", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        with staged_outputs() as stage:
+            _convert(release, fresh, ckpts=("gen",), stage=stage)
+    assert len(written) == 3 and not any(fresh.iterdir())
