@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from .. import compat
-from ..core.errors import MissingModelError, ModelFormatError
+from ..core.errors import InputError, MissingModelError, ModelFormatError
 from ..core.modules import module_bytes
 from .model_files import ModelFileSpec, register
 from .svd import (
@@ -701,8 +701,6 @@ def convert_checkpoints(checkpoints: list, out_dir, dtype="fp16", imagebind: Opt
     clobbered = [fname for comp, role, _, _ in plan
                  if (out_dir / (fname := component_filename(comp, role))).exists()]
     if clobbered and not overwrite:
-        from ..core.errors import InputError
-
         raise InputError("--out", f"{out_dir} already holds {', '.join(clobbered)}; pass --force to overwrite")
 
     # 3. write (UNet files last: their metadata names the companions and their sha256)
