@@ -178,6 +178,18 @@ SPECS = {
 }
 
 
+#: The companion files ``avsync info`` lists (their default names: shared components stored once).
+COMPANION_SPECS = {
+    (comp, role): register(ModelFileSpec(
+        key=f"keyvid_{role}_{comp}" if role else f"keyvid_{comp}", filename=component_filename(comp, role),
+        folder=FOLDER, source=SOURCE, description=f"KeyVID {COMPONENTS[comp][1]}" + (f", {role}" if role else
+                                                                                     ", shared by both stages"),
+    ))
+    for comp, (per_role, _) in COMPONENTS.items() if comp != "unet"
+    for role in (ROLES if per_role else (None,))
+}
+
+
 def released_config(role: str) -> dict:
     """The configuration of one released model, in the released yaml's ``model.params`` layout."""
     from ..networks.keyvid_unet import GENERATOR_UNET_PARAMS, INTERPOLATOR_UNET_PARAMS
