@@ -566,7 +566,7 @@ def open_component_file(path, what: str) -> tuple[Mapping[str, torch.Tensor], di
     state = open_checked(path, what=f"the KeyVID {what}", family_hint=hint)
     meta = dict(state.metadata)
     if meta.get("format") != FORMAT_TAG:
-        raise ModelFormatError(f"{path.name}: not a KeyVID file made by `avsync convert keyvid` "
+        raise ModelFormatError(f"{path}: not a KeyVID file made by `avsync convert keyvid` "
                                f"(metadata format={meta.get('format')!r}); convert with `{CONVERT_COMMAND}`")
     return state, meta
 
@@ -919,7 +919,7 @@ def load_component(path, component: str, dtype=torch.float32):
     path = Path(path)
     state, meta = open_component_file(path, COMPONENTS.get(component, ("", component))[1])
     if meta.get("component") != component:
-        raise ModelFormatError(f"{path.name}: holds the KeyVID {meta.get('component')!r} component, not {component!r}")
+        raise ModelFormatError(f"{path}: holds the KeyVID {meta.get('component')!r} component, not {component!r}")
     config = json.loads(meta.get("config", "{}"))
     try:
         if component == "schedule":
@@ -1064,8 +1064,8 @@ def companion_paths(unet_path, search: Optional[Callable[[str], Optional[Path]]]
     unet_path = Path(unet_path)
     _, meta = open_component_file(unet_path, "UNet")
     if meta.get("component") != "unet":
-        raise ModelFormatError(f"{unet_path.name}: holds the KeyVID {meta.get('component')!r} component; pick the "
-                               f"{' or '.join(DEFAULT_FILENAMES[(r, 'unet')] for r in ROLES)} file")
+        raise ModelFormatError(f"{unet_path}: holds the KeyVID {meta.get('component')!r} component; pick the "
+                               f"{' or '.join(DEFAULT_FILENAMES[(r, 'unet')] for r in ROLES)} file (made by `{CONVERT_COMMAND}`)")
     companions = json.loads(meta.get("companions", "{}"))
     out = {"unet": unet_path}
     for comp in COMPONENTS:
@@ -1098,7 +1098,7 @@ def load_keyvid(unet_path, dtype=torch.float16, role: Optional[str] = None,
     _, meta = open_component_file(unet_path, "UNet")
     file_role = meta.get("role")
     if role is not None and file_role != role:
-        raise ModelFormatError(f"{unet_path.name}: a KeyVID {file_role} UNet, but a {role} was asked for "
+        raise ModelFormatError(f"{unet_path}: a KeyVID {file_role} UNet, but a {role} was asked for "
                                f"(pick {DEFAULT_FILENAMES[(role, 'unet')]})")
     files = companion_paths(unet_path, search)
     loaded = {comp: load_component(path, comp, dtype) for comp, path in files.items()}

@@ -396,3 +396,18 @@ def test_cli_refuses_to_overwrite_without_force_and_writes_nothing_on_error(rele
         with staged_outputs() as stage:
             _convert(release, fresh, ckpts=("gen",), stage=stage)
     assert len(written) == 3 and not any(fresh.iterdir())
+
+
+def test_loader_node_wrong_file_names_the_file_its_folder_and_the_command(models_dir):
+    from safetensors.torch import save_file
+
+    from avsync.cli.common import run_node
+
+    folder = models_dir / "avsync" / "keyvid"
+    folder.mkdir(parents=True)
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)},
+              str(folder / "some_sd_model.safetensors"))
+    with pytest.raises(ModelFormatError) as err:
+        run_node("AVSyncKeyVIDGeneratorLoader", unet="some_sd_model.safetensors", precision="fp32")
+    msg = str(err.value)
+    assert str(folder / "some_sd_model.safetensors") in msg and "avsync convert keyvid" in msg
