@@ -354,6 +354,16 @@ def find_model_file(folder: str, name: str) -> Optional[Path]:
     return None
 
 
+def clip_bpe_tokenizer_dir() -> Optional[Path]:
+    """ComfyUI's copy of the CLIP BPE vocabulary (``comfy/sd1_tokenizer``: ``vocab.json``,
+    ``merges.txt``) when ComfyUI has imported ``comfy``; None otherwise."""
+    comfy = sys.modules.get("comfy")
+    if comfy is None or not getattr(comfy, "__file__", None):
+        return None
+    d = Path(comfy.__file__).parent / "sd1_tokenizer"
+    return d if (d / "vocab.json").is_file() and (d / "merges.txt").is_file() else None
+
+
 # --------------------------------------------------------------------------------------
 # Input folder
 # --------------------------------------------------------------------------------------

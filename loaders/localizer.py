@@ -17,14 +17,15 @@ Nodes read only the safetensors file.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..core.errors import ModelFormatError
-from ..networks.imagebind_audio import KeyframeLocalizerNet, LocalizerConfig, default_heads, infer_stride
+from ..networks.imagebind_audio import (AUDIO_STEM, AUDIO_TRUNK, KeyframeLocalizerNet, LocalizerConfig,
+                                        audio_trunk_key, count_audio_blocks, default_heads, infer_stride,
+                                        released_audio_trunk_keys)
 from .checked_file import load_pickled_checked, open_checked
 from .model_files import ModelFileSpec, register
 
@@ -43,29 +44,27 @@ SPEC = register(ModelFileSpec(
 ))
 
 PREFIX = "imagebindMoodel."  # sic: the released attribute name
-STEM = PREFIX + "modality_preprocessors.audio."
-TRUNK = PREFIX + "modality_trunks.audio."
+STEM = PREFIX + AUDIO_STEM
+TRUNK = PREFIX + AUDIO_TRUNK
 HEAD_KEYS = ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias", "linear3.weight", "linear3.bias")
 FORMAT_TAG = "avsync_keyvid_localizer"
 
-# released name -> our module's name (block keys are mapped by _rename)
+# released name -> our module's name for the stem and head; trunk blocks (and the stem) are
+# mapped by the shared networks.imagebind_audio.audio_trunk_key, which the KeyVID loaders use too
 _FIXED = {
-    STEM + "rgbt_stem.proj.weight": "trunk.proj.weight",
-    STEM + "rgbt_stem.norm_layer.weight": "trunk.stem_norm.weight",
-    STEM + "rgbt_stem.norm_layer.bias": "trunk.stem_norm.bias",
-    STEM + "pos_embedding_helper.pos_embed": "trunk.pos_embed",
+    **{PREFIX + AUDIO_STEM + k: "trunk." + audio_trunk_key(PREFIX + AUDIO_STEM + k, PREFIX)
+       for k in ("rgbt_stem.proj.weight", "rgbt_stem.norm_layer.weight", "rgbt_stem.norm_layer.bias",
+                 "pos_embedding_helper.pos_embed")},
     **{k: k for k in HEAD_KEYS},
 }
-_BLOCK = re.compile(re.escape(TRUNK) + r"blocks\.(\d+)\.(attn\.(?:in_proj_weight|in_proj_bias|bias_k|bias_v|out_proj\.weight"
-                    r"|out_proj\.bias)|norm_1\.(?:weight|bias)|norm_2\.(?:weight|bias)|mlp\.fc[12]\.(?:weight|bias))$")
 
 
 def _rename(key: str) -> Optional[str]:
     if key in _FIXED:
         return _FIXED[key]
-    m = _BLOCK.match(key)
-    if m:
-        return f"trunk.blocks.{m.group(1)}.{m.group(2)}"
+    if key.startswith(TRUNK):
+        new = audio_trunk_key(key, PREFIX)
+        return None if new is None else "trunk." + new
     return None
 
 
@@ -93,7 +92,7 @@ def config_from_state(state: dict, num_heads: Optional[int] = None) -> Localizer
         lin1, lin2 = state["linear1.weight"], state["linear2.weight"]
     except KeyError as err:
         raise ModelFormatError(f"missing tensor {err.args[0]} (is this KeyVID's best_model_version1_with_skip?)") from None
-    blocks = {int(m.group(1)) for k in state if (m := _BLOCK.match(k))}
+    num_blocks = count_audio_blocks(state, PREFIX)
     d = int(conv.shape[0])
     kernel = int(conv.shape[-1])
     tokens = int(pos.shape[1])
@@ -101,7 +100,7 @@ def config_from_state(state: dict, num_heads: Optional[int] = None) -> Localizer
         stride = infer_stride(tokens, kernel)
     except ValueError as err:
         raise ModelFormatError(str(err)) from None
-    return LocalizerConfig(embed_dim=d, num_blocks=len(blocks), num_heads=int(num_heads or default_heads(d)),
+    return LocalizerConfig(embed_dim=d, num_blocks=num_blocks, num_heads=int(num_heads or default_heads(d)),
                            kernel_size=kernel, stride=stride, num_outputs=int(lin1.shape[0]),
                            head_dim=int(lin2.shape[0]))
 
@@ -127,13 +126,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, num_heads: Optional[int
 
 
 def _expected_keys(cfg: LocalizerConfig) -> list[str]:
-    keys = list(_FIXED)
-    for i in range(cfg.num_blocks):
-        for part in ("attn.in_proj_weight", "attn.in_proj_bias", "attn.bias_k", "attn.bias_v", "attn.out_proj.weight",
-                     "attn.out_proj.bias", "norm_1.weight", "norm_1.bias", "norm_2.weight", "norm_2.bias",
-                     "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"):
-            keys.append(f"{TRUNK}blocks.{i}.{part}")
-    return keys
+    return released_audio_trunk_keys(cfg, PREFIX) + list(HEAD_KEYS)
 
 
 def load_localizer(path: str | Path, dtype: torch.dtype = torch.float32) -> KeyframeLocalizerNet:

@@ -312,22 +312,7 @@ def _build_clip(config: dict):
 
 def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
     """Load ``state`` into a meta-built module (exact key match) and check nothing stayed on meta."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ModelFormatError(
-            f"{what}: the weights do not match the network built from the config"
-            + (f"; missing {len(missing)} (e.g. {', '.join(missing[:4])})" if missing else "")
-            + (f"; unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:4])})" if unexpected else "")
-        )
-    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        k = bad[0]
-        raise ModelFormatError(
-            f"{what}: {len(bad)} tensors have the wrong shape, e.g. {k}: file {tuple(state[k].shape)} "
-            f"vs network {tuple(own[k].shape)}"
-        )
+    check_state_fits(module.state_dict(), state, what)
     module.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers are not in the file: recreate the ones these networks have.
     for name, buf in list(module.named_buffers()):
@@ -343,6 +328,32 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) 
     if leftover:
         raise ModelFormatError(f"{what}: parameters left uninitialised: {', '.join(leftover[:4])}")
     return module.eval().requires_grad_(False)
+
+
+def check_state_fits(own: Mapping[str, Any], state: Mapping[str, Any], what: str,
+                     shown: Callable[[str], str] = lambda k: k) -> None:
+    """Raise :class:`ModelFormatError` naming missing / unexpected / mis-shaped tensors unless
+    ``state`` has exactly the names and shapes of ``own``. Values are tensors (meta ones do) or
+    shape tuples; ``shown`` turns a name into the one the user's file has (e.g. with its prefix)."""
+    def shape(v):
+        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"{what}: the weights do not match the network built from the config"
+            + (f"; missing {len(missing)} (e.g. {', '.join(shown(k) for k in missing[:4])})" if missing else "")
+            + (f"; unexpected {len(unexpected)} (e.g. {', '.join(shown(k) for k in unexpected[:4])})"
+               if unexpected else "")
+        )
+    bad = [k for k in sorted(state) if shape(state[k]) != shape(own[k])]
+    if bad:
+        k = bad[0]
+        raise ModelFormatError(
+            f"{what}: {len(bad)} tensors have the wrong shape, e.g. {shown(k)}: file {shape(state[k])} "
+            f"vs network {shape(own[k])}"
+        )
 
 
 class LazyStateDict(Mapping):
@@ -511,11 +522,14 @@ def _vae_attention_suffix(rest: str) -> str:
     return f"{_VAE_ATTN_TO_LDM[layer]}.{param}"
 
 
-def svd_vae_key_map(diffusers_keys) -> dict[str, str]:
+def svd_vae_key_map(diffusers_keys, keep_quant_convs: bool = False) -> dict[str, str]:
     """diffusers ``AutoencoderKLTemporalDecoder`` key -> ldm ``AutoencodingEngine`` key (no prefix).
 
     ``quant_conv`` has no counterpart (generative-models' ``AutoencodingEngine`` has none; the
-    diffusers model's is the identity) and is left out of the map.
+    diffusers model's is the identity) and is left out of the map. ``keep_quant_convs`` maps
+    ``quant_conv`` / ``post_quant_conv`` to themselves: the SD-style ``AutoencoderKL`` (diffusers
+    ``AutoencoderKL`` <-> ldm/lvdm ``AutoencoderKL``, used by KeyVID) has both, and otherwise the
+    same names as the temporal VAE's spatial layers.
     """
     keys = list(diffusers_keys)
     n_up = 1 + max((int(m.group(1)) for k in keys if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))), default=-1)
@@ -528,6 +542,9 @@ def svd_vae_key_map(diffusers_keys) -> dict[str, str]:
     out = {}
     for k in keys:
         layer, _, param = k.rpartition(".")
+        if layer in ("quant_conv", "post_quant_conv") and keep_quant_convs:
+            out[k] = k
+            continue
         if layer == "quant_conv":
             continue
         if layer in top:
@@ -584,6 +601,37 @@ _CLIP_TOP_TO_OPENCLIP = {
 }
 
 
+def openclip_resblocks_to_transformers(tensors: Mapping[str, torch.Tensor], layers_prefix: str,
+                                       cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                                       what: str = "OpenCLIP") -> dict:
+    """OpenCLIP ``transformer.resblocks.N.*`` tensors -> transformers ``CLIPEncoderLayer`` names
+    under ``layers_prefix`` (e.g. ``vision_model.encoder.layers.``); other keys are ignored.
+
+    ``attn.in_proj_*`` splits into q/k/v. Shared by the image tower (SVD, KeyVID) and the text
+    tower (KeyVID); the facts are those of ComfyUI's ``clip_vision.convert_to_transformers``.
+    """
+    inverse_layer = {v: k for k, v in _CLIP_LAYER_TO_OPENCLIP.items()}
+    out = {}
+    for k in tensors:
+        if not k.startswith("transformer."):
+            continue
+        m = re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", k)
+        if m:
+            i, param = m.groups()
+            q, k_, v = cast(tensors[k]).chunk(3, dim=0)
+            base = f"{layers_prefix}{i}.self_attn."
+            out[f"{base}q_proj.{param}"] = q.contiguous()
+            out[f"{base}k_proj.{param}"] = k_.contiguous()
+            out[f"{base}v_proj.{param}"] = v.contiguous()
+            continue
+        m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", k)
+        if not m or m.group(2) not in inverse_layer:
+            raise ModelFormatError(f"unexpected {what} tensor '{k}'")
+        i, layer, param = m.groups()
+        out[f"{layers_prefix}{i}.{inverse_layer[layer]}.{param}"] = cast(tensors[k])
+    return out
+
+
 def openclip_visual_to_transformers(visual: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> dict:
     """OpenCLIP ``visual.*`` tensors (prefix removed) -> ``CLIPVisionModelWithProjection`` state dict.
 
@@ -593,33 +641,15 @@ def openclip_visual_to_transformers(visual: Mapping[str, torch.Tensor], dtype: O
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     out = {}
     inverse_top = {v: k for k, v in _CLIP_TOP_TO_OPENCLIP.items()}
-    inverse_layer = {v: k for k, v in _CLIP_LAYER_TO_OPENCLIP.items()}
     for k in visual:
         if k in inverse_top:
             out[inverse_top[k]] = cast(visual[k])
         elif k == "proj":
             out["visual_projection.weight"] = cast(visual[k]).t().contiguous()
-        elif re.match(r"transformer\.resblocks\.\d+\.attn\.in_proj_(weight|bias)$", k):
-            continue  # split into q/k/v below
-        else:
-            m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", k)
-            if not m:
-                raise ModelFormatError(f"unexpected OpenCLIP image-encoder tensor '{k}'")
-            i, layer, param = m.groups()
-            base = f"vision_model.encoder.layers.{i}."
-            if layer in inverse_layer:
-                out[f"{base}{inverse_layer[layer]}.{param}"] = cast(visual[k])
-            else:
-                raise ModelFormatError(f"unexpected OpenCLIP image-encoder tensor '{k}'")
-    for k in visual:
-        m = re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", k)
-        if m:
-            i, param = m.groups()
-            q, k_, v = cast(visual[k]).chunk(3, dim=0)
-            base = f"vision_model.encoder.layers.{i}.self_attn."
-            out[f"{base}q_proj.{param}"] = q.contiguous()
-            out[f"{base}k_proj.{param}"] = k_.contiguous()
-            out[f"{base}v_proj.{param}"] = v.contiguous()
+        elif not k.startswith("transformer."):
+            raise ModelFormatError(f"unexpected OpenCLIP image-encoder tensor '{k}'")
+    out.update(openclip_resblocks_to_transformers(visual, "vision_model.encoder.layers.", cast,
+                                                  "OpenCLIP image-encoder"))
     return out
 
 
