@@ -149,6 +149,11 @@ def test_state_dict_keys_are_the_released_ones():
     }.items():
         assert tuple(g[key].shape) == shape, key
     assert not any(k.endswith("alpha") for k in g)   # no learnable image scale in the released configs
+    from avsync.networks.audio_layers import list_audio_layers
+    layers = list_audio_layers(gen)   # one per spatial transformer: 6 input, 1 middle, 9 output
+    assert [(i.section, i.level) for i in layers] == ([("input", 0)] * 2 + [("input", 1)] * 2 + [("input", 2)] * 2
+                                                      + [("middle", 3)] + [("output", 2)] * 3 + [("output", 1)] * 3
+                                                      + [("output", 0)] * 3)
 
 
 def test_released_params_refuse_unsupported_switches():
