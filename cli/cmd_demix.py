@@ -1,6 +1,7 @@
 """``avsync demix AUDIO --out DIR``: speech / effects / music stems of an audio file,
-through the same node code a ComfyUI workflow runs (AVSyncAudioLoader →
-[AVSyncDemixModelLoader →] AVSyncDemixer). Writes ``DIR/speech.wav``,
+through the same demixer the AVSyncDemixer node runs ([AVSyncDemixModelLoader →]
+``samplers.demix``), but streamed: the file is decoded, demixed and written chunk by
+chunk, so memory stays flat in its length. Writes ``DIR/speech.wav``,
 ``DIR/effects.wav`` and ``DIR/music.wav`` at the input's rate, length and channels."""
 
 from __future__ import annotations
@@ -40,19 +41,22 @@ def _model(args):
 
 
 def run(args) -> int:
-    from .common import load_audio_file, run_node, save_audio_file
+    """Streams: the file is decoded, demixed and written chunk by chunk
+    (:func:`avsync.samplers.demix.demix_file`), so memory does not grow with its length."""
+    from ..core.errors import InputError
+    from ..nodes.demix_nodes import AVSyncDemixer
+    from ..samplers.demix import demix_file
 
     use_model = args.method == "mrx" or (args.method == "auto" and args.model)
-    audio, _ = load_audio_file(args.audio, max_duration=args.max_duration)
-    inputs = dict(audio=audio, method="model" if use_model else "dsp", chunk_seconds=args.chunk_seconds,
-                  overlap=args.overlap)
-    if use_model:
-        inputs["demix_model"] = _model(args)
-    stems = run_node("AVSyncDemixer", **inputs)
+    method = "model" if use_model else "dsp"
+    msg = AVSyncDemixer.VALIDATE_INPUTS(method, args.chunk_seconds, args.overlap)
+    if msg is not True:
+        name, _, problem = msg.partition(": ")
+        raise InputError(name.replace("_", "-"), problem)
+    model = _model(args) if use_model else None
     out = Path(args.out)
-    for name, stem in zip(STEM_FILES, stems):
-        save_audio_file(out / name, stem, bits=32 if args.float else 16)
-    wav = audio["waveform"]
-    print(f"{wav.shape[-2]} ch, {wav.shape[-1] / audio['sample_rate']:.2f} s at {audio['sample_rate']} Hz "
-          f"({inputs['method']}) -> {', '.join(str(out / n) for n in STEM_FILES)}")
+    r = demix_file(args.audio, out, method, model, args.chunk_seconds, args.overlap, bits=32 if args.float else 16,
+                   max_seconds=args.max_duration, stem_files=STEM_FILES)
+    print(f"{r['channels']} ch, {r['samples'] / r['sample_rate']:.2f} s at {r['sample_rate']} Hz "
+          f"({method}) -> {', '.join(str(p) for p in r['paths'])}")
     return 0
