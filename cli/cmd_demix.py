@@ -40,6 +40,24 @@ def _model(args):
     return model
 
 
+def _return_freed_memory() -> None:
+    """Have glibc serve blocks of 128 KiB and more by mmap and unmap them when freed.
+    With its default (a threshold that rises after each large free), chunk-sized
+    blocks land in the heap and resident memory creeps up with the number of chunks
+    through fragmentation although nothing is held (measured: +77..+120 MB from 60 s
+    to 600 s of input; with this, +3 MB). Only this command's process is affected."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-3, 128 * 1024)   # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+
+
 def run(args) -> int:
     """Streams: the file is decoded, demixed and written chunk by chunk
     (:func:`avsync.samplers.demix.demix_file`), so memory does not grow with its length."""
@@ -54,6 +72,7 @@ def run(args) -> int:
         name, _, problem = msg.partition(": ")
         raise InputError(name.replace("_", "-"), problem)
     model = _model(args) if use_model else None
+    _return_freed_memory()
     out = Path(args.out)
     r = demix_file(args.audio, out, method, model, args.chunk_seconds, args.overlap, bits=32 if args.float else 16,
                    max_seconds=args.max_duration, stem_files=STEM_FILES)

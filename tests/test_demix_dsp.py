@@ -8,7 +8,7 @@ import torch
 from scipy.signal import find_peaks
 
 from avsync.core import demix_dsp as D
-from avsync.core.metrics import match_rate, precision_rate
+from avsync.core.metrics import match_rate, precision_rate, si_sdr
 from avsync.core.onset import onset_curve
 from avsync.core.timeline import Timeline
 
@@ -16,12 +16,6 @@ from tests.factories import audio as A
 from tests.factories.demix import known_mixture
 
 STEM_INDEX = {name: i for i, name in enumerate(D.STEMS)}
-
-
-def si_sdr(est: torch.Tensor, ref: torch.Tensor) -> float:
-    est, ref = est.double().flatten(), ref.double().flatten()
-    target = (est @ ref) / (ref @ ref) * ref
-    return float(10 * torch.log10(target.square().sum() / (est - target).square().sum()))
 
 
 @pytest.fixture(scope="module")

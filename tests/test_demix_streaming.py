@@ -45,9 +45,9 @@ def test_arriving_blocks_give_the_same_result_as_the_whole_signal(total, chunk, 
 
 
 def test_dsp_over_blocks_equals_dsp_over_the_clip():
-    mix = known_mixture(sr=16000, duration=6.0, stereo=True)["mixture"]
-    whole = demix(mix, 16000, "dsp", chunk_seconds=2.0, overlap=0.25)
-    parts = torch.cat([b for _, b in demix_blocks(_blocks(mix, [1024]), 16000, "dsp", chunk_seconds=2.0,
+    mix = known_mixture(sr=8000, duration=4.0, stereo=True)["mixture"]
+    whole = demix(mix, 8000, "dsp", chunk_seconds=1.5, overlap=0.25)
+    parts = torch.cat([b for _, b in demix_blocks(_blocks(mix, [1024]), 8000, "dsp", chunk_seconds=1.5,
                                                   overlap=0.25)], dim=-1)
     # the same samples reach the same code; only memory layout (a view vs a concatenation) differs
     assert float((whole - parts).abs().max()) < 1e-6
@@ -57,15 +57,15 @@ def test_streamed_loudness_equals_the_one_tensor_loudness():
     """The model gain of a streamed file: block energies in segments with a warm-up lead,
     gated as BS.1770 says; measured difference to integrated_loudness: 0.0 LU."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 16000 * 130, generator=g) * torch.linspace(0.01, 0.5, 16000 * 130)
-    x[:, 16000 * 30:16000 * 40] = 0
-    ref = integrated_loudness(x, 16000)
-    for segment in (60.0, 7.3):
-        meter = LoudnessMeter(16000, segment_seconds=segment)
+    x = torch.randn(2, 8000 * 40, generator=g) * torch.linspace(0.01, 0.5, 8000 * 40)
+    x[:, 8000 * 10:8000 * 15] = 0
+    ref = integrated_loudness(x, 8000)
+    for segment in (13.0, 7.3):
+        meter = LoudnessMeter(8000, segment_seconds=segment)
         for b in _blocks(x, [1024, 3001, 77]):
             meter.add(b)
         assert abs(meter.lufs() - ref) < 1e-9
-    short = LoudnessMeter(16000)
+    short = LoudnessMeter(8000)
     short.add(torch.ones(1, 100))
     assert short.lufs() == float("-inf")
 
@@ -171,18 +171,20 @@ def test_node_refuses_before_work_when_the_stems_cannot_fit(monkeypatch, caplog)
     from avsync.cli.common import run_node
     from avsync.samplers import demix as D
 
-    sr = 48000
-    x = torch.zeros(1, 2, 1).expand(1, 2, sr * 3600)   # an hour of stereo, allocated as one sample
-    monkeypatch.setattr(D, "available_memory_bytes", lambda: 2 * 2 ** 30)
-    with pytest.raises(InputError, match=r"audio: demixing 1 x 3600 s of 2-channel 48000 Hz audio \(dsp\) needs "
-                                         r"about 4\.08 GB \(3\.86 GB for the three stems, 0\.21 GB for one 20 s chunk\), more than the 2\.00 GB of memory available"):
-        run_node("AVSyncDemixer", audio={"waveform": x, "sample_rate": sr}, method="dsp")
-    need = D.memory_need(2, sr * 3600, sr, 20.0, "dsp")
-    assert need["stems"] == 3 * 2 * sr * 3600 * 4 and need["chunk"] == 120 * 2 * 20 * sr
+    sr = 8000
+    x = make_audio(torch.zeros(1, 1).expand(2, sr * 600), sr)   # 10 minutes of stereo, allocated as one sample
+    need = D.memory_need(2, sr * 600, sr, 20.0, "dsp")
+    assert need["stems"] == 3 * 2 * sr * 600 * 4 and need["chunk"] == 120 * 2 * 20 * sr
+    assert need["total"] == 153_600_000
+    monkeypatch.setattr(D, "available_memory_bytes", lambda: 100 * 2 ** 20)
+    with pytest.raises(InputError, match=r"audio: demixing 1 x 600 s of 2-channel 8000 Hz audio \(dsp\) needs "
+                                         r"about 0\.14 GB \(0\.11 GB for the three stems, 0\.04 GB for one 20 s "
+                                         r"chunk\), more than the 0\.10 GB of memory available"):
+        run_node("AVSyncDemixer", audio=x, method="dsp")
     # a long input that fits: the need is stated before the work starts
     monkeypatch.setattr(D, "available_memory_bytes", lambda: 64 * 2 ** 30)
     started = []
     monkeypatch.setattr(D, "run_overlap_add", lambda *a, **k: started.append(len(caplog.records)))
     with caplog.at_level(logging.INFO, logger="avsync"):
-        run_node("AVSyncDemixer", audio=make_audio(torch.zeros(1, 1).expand(1, 16000 * 700), 16000), method="dsp")
-    assert started == [1] and "needs about" in caplog.records[0].getMessage()
+        run_node("AVSyncDemixer", audio=x, method="dsp")
+    assert started == [1] and "needs about 0.14 GB" in caplog.records[0].getMessage()
