@@ -12,7 +12,9 @@ never tuned on) and each format it prints, averaged over the mixtures:
   mixture, the estimated effects stem and the true effects stem (the oracle).
 
 Numbers are printed, not asserted. ``--model FILE`` also scores a converted demix
-model (e.g. MRX) next to ``dsp``.
+model (e.g. MRX) next to ``dsp``. ``--alone`` also feeds each true stem alone and
+prints where its energy goes (e.g. how much of an effects track alone lands in the
+effects stem).
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description="demixer quality on the real-audio evaluation set")
     p.add_argument("--part", choices=("tune", "heldout", "both"), default="both")
     p.add_argument("--model", default=None, help="also score this converted demix model (.safetensors)")
+    p.add_argument("--alone", action="store_true", help="also: where the energy of each true stem fed alone goes")
     args = p.parse_args()
     import torch
 
@@ -106,9 +109,19 @@ def main() -> None:
                 est = run(mix["mixture"], recipe["sample_rate"])
                 seconds[name] += time.perf_counter() - t0
                 assert np.abs(est.sum(0) - mix["mixture"]).max() < 1e-4 or name != "dsp"
-                rows[name].append({"format": _fmt(recipe), "case": recipe["case"], **E.score(mix, est)})
+                row = {"format": _fmt(recipe), "case": recipe["case"], **E.score(mix, est)}
+                if args.alone:
+                    for i, stem in enumerate(COLUMNS):
+                        energy = (run(mix[stem], recipe["sample_rate"]).astype(np.float64) ** 2).sum(axis=(1, 2))
+                        row[f"alone_{stem}"] = energy / max(energy.sum(), 1e-30)
+                rows[name].append(row)
         for name in methods:
             report(rows[name], f"{part}: {name} ({audio / seconds[name]:.0f}x real time)")
+            if args.alone:
+                print("  each true stem fed alone: share of its energy in the speech / effects / music stems")
+                for stem in COLUMNS:
+                    share = np.mean([r[f"alone_{stem}"] for r in rows[name]], axis=0)
+                    print(f"  {stem:18} " + " / ".join(f"{v:.2f}" for v in share))
 
 
 if __name__ == "__main__":
