@@ -120,14 +120,12 @@ def overlap_add_stream(process: ChunkProcessor, blocks: Iterable[torch.Tensor], 
         if len(pieces) > 1:
             pieces = [torch.cat(pieces, dim=-1)]
         buf = pieces[0]
-        if prev_end is None:
-            # the plan's chunk and overlap are those of the first chunk (ChunkPlan.make caps both by the total)
-            last = exhausted and held <= chunk
-            size = held if last else chunk
-            ov = max(0, min(int(overlap), size // 2))
-            chunk, overlap = size, ov
-        start, end = base, base + min(chunk, held)
         last = exhausted and held <= chunk
+        if prev_end is None:
+            # as ChunkPlan.make: a signal shorter than a chunk is one chunk; overlap at most half a chunk
+            chunk = held if last else chunk
+            overlap = max(0, min(int(overlap), chunk // 2))
+        start, end = base, base + min(chunk, held)
         next_start = None if last else start + chunk - overlap
         y = process(buf[:, : end - start])
         c = buf.shape[0]
