@@ -23,8 +23,9 @@ def register(sub) -> None:
     p.add_argument("--chunk-seconds", type=float, default=20.0, help="chunk length in seconds (default 20)")
     p.add_argument("--overlap", type=float, default=0.1, help="cross-faded overlap, fraction of a chunk (default 0.1)")
     p.add_argument("--float", action="store_true", help="write 32-bit float WAV instead of 16-bit PCM")
-    p.add_argument("--max-duration", type=float, default=3600.0,
-                   help="refuse inputs longer than this many seconds (default 3600)")
+    p.add_argument("--max-duration", type=float, default=86400.0,
+                   help="refuse inputs longer than this many seconds (default 86400: memory does not grow with "
+                        "the length, the stems are streamed to disk)")
     p.set_defaults(func=run)
 
 

@@ -188,3 +188,13 @@ def test_node_refuses_before_work_when_the_stems_cannot_fit(monkeypatch, caplog)
     with caplog.at_level(logging.INFO, logger="avsync"):
         run_node("AVSyncDemixer", audio=x, method="dsp")
     assert started == [1] and "needs about 0.14 GB" in caplog.records[0].getMessage()
+
+
+def test_cli_bad_option_is_a_one_line_error_before_any_output(tmp_path, capsys):
+    from avsync.cli import main
+
+    src, _ = _write_mix(tmp_path, seconds=1.0, sr=8000)
+    assert main(["demix", str(src), "--out", str(tmp_path / "o"), "--chunk-seconds", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "chunk-seconds: must be between 1 and 600, got 0.5" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
