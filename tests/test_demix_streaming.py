@@ -32,7 +32,10 @@ def _blocks(x, sizes):
 @pytest.mark.parametrize("total,chunk,overlap", [(10007, 1000, 100), (10007, 1000, 500), (9000, 3000, 0),
                                                  (500, 20000, 10), (1001, 1000, 100), (1, 10, 5)])
 def test_arriving_blocks_give_the_same_result_as_the_whole_signal(total, chunk, overlap):
-    """Same chunks, same processor calls: bit-identical to the one-tensor runner."""
+    """Same chunks, same processor calls, same cross-fades as the one-tensor runner. Not
+    bit-identical: a chunk here is a concatenation (contiguous), there a strided view,
+    and a reduction over them (``mean``) may sum in another order (measured max abs
+    difference 3.7e-9 with ATEN_CPU_CAPABILITY=default, 0 otherwise)."""
     x = torch.randn(2, total, generator=torch.Generator().manual_seed(total))
 
     def process(c):
@@ -41,7 +44,7 @@ def test_arriving_blocks_give_the_same_result_as_the_whole_signal(total, chunk, 
     whole = run_overlap_add(process, x, chunk, overlap, 2)
     parts = list(overlap_add_stream(process, _blocks(x, [37, 1024, 5, 999]), chunk, overlap, 2))
     assert [s for s, _ in parts] == sorted(s for s, _ in parts)
-    assert torch.equal(torch.cat([b for _, b in parts], dim=-1), whole)
+    assert float((torch.cat([b for _, b in parts], dim=-1) - whole).abs().max()) <= 1e-6
 
 
 def test_dsp_over_blocks_equals_dsp_over_the_clip():
