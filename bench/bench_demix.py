@@ -10,6 +10,10 @@
    chunked into a full-length result (what the node returns), and one unchunked pass
    (the naive path). Printed as MB above the process baseline and as a ratio to the
    unchunked pass.
+3. Peak resident memory of the command line, ``avsync demix FILE --out DIR`` (a
+   subprocess, its /proc status sampled every 5 ms from outside), on 16-bit 44.1 kHz
+   stereo WAV files of 60 s and 600 s (``--cli-only`` runs just this part). The goal:
+   the two differ by less than 100 MB.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import row  # noqa: E402  (bench/ is the script's folder)
 
 
@@ -121,13 +126,83 @@ def memory(mode: str, seconds: float) -> float:
     return r["peak_mb"] - r["baseline_mb"]
 
 
+def _write_test_wav(path: Path, seconds: float, sr: int = 44100) -> None:
+    """A long test file written chunk by chunk (20 s of the bench signal, repeated)."""
+    from avsync.core.audio_io import WavWriter
+
+    one = _signal(20.0, sr).numpy() * 0.5
+    with WavWriter(path, sr, 2) as out:
+        left = int(seconds * sr)
+        while left > 0:
+            out.write(one[:, :left])
+            left -= one.shape[1]
+
+
+def _status_mb(pid: int) -> dict:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = line.split(":")[0]
+                if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def cli_memory(seconds: float, workdir: Path, extra: tuple = (), extra_env: tuple = ()) -> dict:
+    """Peak VmRSS / RssAnon (MB) of ``python -m avsync demix`` on a ``seconds`` long file."""
+    src = workdir / f"in_{int(seconds)}.wav"
+    if not src.exists():
+        _write_test_wav(src, seconds)
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", **dict(extra_env)}
+    cmd = [sys.executable, "-m", "avsync", "demix", str(src), "--out", str(workdir / "out"), *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    peak = {"VmRSS": 0.0, "RssAnon": 0.0, "RssFile": 0.0, "RssShmem": 0.0}
+    while proc.poll() is None:
+        for k, v in _status_mb(proc.pid).items():
+            peak[k] = max(peak[k], v)
+        time.sleep(0.005)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"avsync demix failed: {proc.stderr.read().decode()[-2000:]}")
+    return {**peak, "wall_s": wall}
+
+
+def cli_table(lengths=(60, 600)) -> None:
+    import tempfile
+
+    print("peak resident memory of `avsync demix FILE --out DIR` (dsp, 20 s chunks; 16-bit 44.1 kHz stereo WAV)")
+    print(f"  {'seconds':>8} {'file MB':>8} {'VmRSS MB':>9} {'RssAnon MB':>11} {'wall s':>7}")
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="avsync-bench-demix-") as tmp:
+        for s in lengths:
+            r = rows[s] = cli_memory(s, Path(tmp))
+            mb = (Path(tmp) / f"in_{int(s)}.wav").stat().st_size / 2**20
+            print(f"  {s:8d} {mb:8.1f} {r['VmRSS']:9.1f} {r['RssAnon']:11.1f} {r['wall_s']:7.1f}")
+    a, b = rows[lengths[0]], rows[lengths[-1]]
+    diff = b["VmRSS"] - a["VmRSS"]
+    print(f"  {lengths[-1]} s - {lengths[0]} s: {diff:+.1f} MB resident (goal < 100 MB: "
+          f"{'met' if abs(diff) < 100 else 'NOT met'})")
+    for s in lengths:
+        row(f"avsync demix CLI peak resident memory, {s} s input", rows[s]["VmRSS"], "MB",
+            ratio=rows[s]["VmRSS"] / rows[lengths[0]]["VmRSS"], vs=f"{lengths[0]} s input", peak_mb=rows[s]["VmRSS"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="shorter inputs, no MRX")
+    p.add_argument("--cli-only", action="store_true", help="only the command line's memory against input length")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         _memory_child(args.child[0], float(args.child[1]))
+        return
+    sys.path.insert(0, str(ROOT))
+    if args.cli_only:
+        cli_table()
         return
     seconds = 20.0 if args.quick else 60.0
     print(f"real-time factor, 44.1 kHz stereo, {seconds:g} s, 2 threads (higher is faster)")
@@ -147,6 +222,7 @@ def main() -> None:
         print(f"  {s:8d} {mb:7.1f} {sink:8.1f} {chunked:8.1f} {whole:9.1f} {sink / max(whole, 1e-9):9.2f}")
         row(f"demix dsp memory, {s} s, chunked (streaming sink)", sink, "MB above baseline",
             ratio=sink / max(whole, 1e-9), vs="one unchunked pass", peak_mb=sink)
+    cli_table()
 
 
 if __name__ == "__main__":

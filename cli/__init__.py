@@ -21,10 +21,18 @@ import sys
 from pathlib import Path
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints its usage block before a bad option's message; a user error here is
+    one line naming the option (exit code 2), with where to read the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="avsync",
         description="AVSync: audio-synchronized video generation (the ComfyUI node pack's command line).",
     )

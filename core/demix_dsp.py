@@ -2,34 +2,35 @@
 
 It works on one STFT of the clip (masks from the channel-averaged power, applied to
 every channel) and splits every time-frequency bin between the three stems with
-power-2 (Wiener-like) soft masks that sum to one, built from three magnitude
-estimates:
+power-1.5 soft masks that sum to one, built from three magnitude estimates:
 
-1. **effects = percussive** (as in harmonic/percussive separation, Fitzgerald 2010):
-   a running median across ~400 Hz keeps what is broadband and short. ``margin``
-   weighs it against the other two estimates.
-2. **music = stationary bed + unmodulated harmonic energy**: a running median over
-   0.1 s of time keeps what is steady in time (harmonic); a low percentile (20th) over
-   1.5 s is the stationary bed (a plain form of repetition-based background
-   estimation: what is always there); the harmonic energy above the bed is music
-   unless it carries speech evidence.
-3. **speech = harmonic energy above the bed x speech likelihood**: in 100–4000 Hz, an
-   envelope deeply modulated at the syllable rate (3–8 Hz) with most of its
-   modulation energy at that rate (an isolated hit spreads its modulation over all
-   rates); for stereo times a **centre cue** (dialogue is mixed to the centre, so a bin
-   whose left and right are uncorrelated or opposite is unlikely to be speech).
+1. **music = the stationary bed**: a low percentile (20th) over 5 s of time (a plain
+   form of repetition-based background estimation, minimum statistics: what is
+   always there). Everything above it ("excess") is speech or effects.
+2. **effects = percussive excess**: a running median across ~400 Hz keeps what is
+   broadband and short (Fitzgerald 2010), minus the bed, weighed by ``margin``; for
+   stereo, plus the excess that is **off-centre** (dialogue is mixed to the centre,
+   so energy whose left and right disagree is taken as effects).
+3. **speech = excess with speech evidence**: in 100-4000 Hz, an envelope deeply
+   modulated at the syllable rate (3-8 Hz) with most of its modulation energy at
+   that rate (an isolated hit spreads its modulation over all rates), times, for
+   stereo, the **centre cue**; plus, without evidence, a ``speech_floor`` share of the
+   excess that is also steady over 0.1 s (voiced sound; the geometric mean of the
+   excess and its 0.1-s running median, so short bursts are left to effects).
+
+Tuned on the ``tune`` part of the real-audio evaluation set (``bench/demix_eval.py``;
+the ``heldout`` part was not looked at while tuning); see docs/demix.md for numbers.
 
 The speech and music stems are inverted from the masked STFT; the effects stem is
 ``input - speech - music``, so the three stems add back to the input to float
 precision by construction. Running medians are Tukey ninthers (cheap and robust);
 above ``detail_hz`` the masks are estimated on pooled bins (no speech cue there).
 
-Limits (it separates by signal shape, not by meaning): voiced speech with little
-modulation leaks into music and consonants / plosives into effects; drums and
-plucked notes go to effects; sustained or pitched effects (engines, hum, sirens,
-beeps) go to music; music whose notes change 3–8 times a second can be taken as
-speech; reverb tails and ambiences are split between stems; mono and multichannel
-input get no centre cue. Use a neural model where quality matters; the timing of
+Limits (it separates by signal shape, not by meaning): music that changes faster than
+the 5-s bed (solos, melodies, drums) leaks into speech and effects; consonants and
+plosives go to effects; long steady effects (engines, hum, rain) become part of the
+bed and go to music; reverb tails and ambiences are split between stems; mono and
+multichannel input get no centre or side cue. Use a neural model where quality matters; the timing of
 the effects stem (what the KeyframeLocalizer needs) is what this method is for.
 """
 
@@ -53,10 +54,12 @@ class DSPDemixConfig:
     hop_fraction: float = 0.25
     harmonic_kernel_seconds: float = 0.1  # median over time
     percussive_kernel_hz: float = 400.0   # median over frequency
-    stationary_kernel_seconds: float = 1.5  # long window over time: the music bed ...
+    stationary_kernel_seconds: float = 5.0  # long window over time: the music bed ...
     stationary_quantile: float = 0.2        # ... is a low percentile there (minimum statistics)
-    margin: float = 0.3                   # weight of the percussive estimate against the others
-    power: float = 2.0                    # soft-mask exponent (Wiener-like)
+    margin: float = 0.5                   # weight of the percussive estimate against the others
+    power: float = 1.5                    # soft-mask exponent (2: Wiener-like; 1.5 splits contested bins softer)
+    speech_floor: float = 0.3             # share of the energy above the bed that speech claims without evidence
+    side_weight: float = 1.0              # stereo: weight of off-centre energy above the bed as effects
     speech_band_hz: tuple = (100.0, 4000.0)
     syllable_band_hz: tuple = (3.0, 8.0)
     envelope_smoothing_hz: float = 150.0  # smooth envelopes across frequency (pitch jitter)
@@ -224,18 +227,28 @@ def _masks_for(mag: torch.Tensor, centre: Optional[torch.Tensor], first_hz: floa
     q = max(1, int(round(frame_rate * config.stationary_kernel_seconds / 11)))
     stationary = _time_unpool(_rank_filter(_time_pool(mag, q), _odd(config.stationary_kernel_seconds * frame_rate / q),
                                            dim=1, quantile=config.stationary_quantile), n_frames)
-    stationary = torch.minimum(stationary, harm)
-    moving = harm - stationary
+    stationary = torch.minimum(stationary, mag)
+    excess = mag - stationary                       # what is not the bed: speech or effects
+    moving = harm - torch.minimum(stationary, harm)  # ... of it, what is steady over 0.1 s (voiced, tonal)
     freqs = first_hz + torch.arange(mag.shape[0], dtype=torch.float32) * bin_hz
     s = speech_likelihood(moving, freqs, frame_rate, config)
     if centre is not None:
         s = s * centre
-    e_speech = s * moving
-    e_music = stationary + (1.0 - s) * moving
-    e_fx = perc * config.margin
+    # speech claims what has speech evidence, and a share of what is steady over 0.1 s
+    # (voiced sound) even without it; short bursts (not steady) it leaves to effects
+    e_speech = config.speech_floor * (moving * excess).sqrt() + (1.0 - config.speech_floor) * s * excess
+    e_music = stationary
+    e_fx = (perc - torch.minimum(perc, stationary)) * config.margin
+    if centre is not None and config.side_weight:
+        e_fx = e_fx + config.side_weight * (1.0 - centre) * excess   # dialogue is centred; panned events are not
     z = torch.stack([e_speech, e_music, e_fx]).clamp_min(0.0)
     z = z / z.amax(0, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)  # no overflow in the power
-    z = z.square() if config.power == 2.0 else z.pow(config.power)
+    if config.power == 2.0:
+        z = z.square()
+    elif config.power == 1.5:
+        z = z * z.sqrt()
+    else:
+        z = z.pow(config.power)
     masks = z / z.sum(0, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
     return masks[0], masks[1]
 

@@ -70,7 +70,13 @@ def integrated_loudness(waveform: torch.Tensor, sample_rate: int) -> float:
         return float("-inf")
     n_blocks = (x.shape[-1] - block) // step + 1
     energy = _k_weighted_block_energy(x, sample_rate, block, step, n_blocks)
-    g = torch.tensor(CHANNEL_WEIGHTS[: x.shape[0]], dtype=torch.float64).unsqueeze(1)
+    return gated_loudness(energy)
+
+
+def gated_loudness(energy: torch.Tensor) -> float:
+    """BS.1770 gating of per-block, per-channel K-weighted mean squares ``[C, n_blocks]``:
+    LUFS, or ``-inf`` when no block passes the absolute gate."""
+    g = torch.tensor(CHANNEL_WEIGHTS[: energy.shape[0]], dtype=torch.float64).unsqueeze(1)
     per_block = (g * energy).sum(0)
     loud = -0.691 + 10 * torch.log10(per_block.clamp_min(1e-300))
     gated = loud > -70.0
@@ -79,3 +85,55 @@ def integrated_loudness(waveform: torch.Tensor, sample_rate: int) -> float:
     rel = -0.691 + 10 * math.log10(float((g * energy[:, gated].mean(1, keepdim=True)).sum())) - 10.0
     gated &= loud > rel
     return float(-0.691 + 10 * math.log10(float((g * energy[:, gated].mean(1, keepdim=True)).sum())))
+
+
+class LoudnessMeter:
+    """:func:`integrated_loudness` of a signal that arrives block by block (a decoder),
+    in memory that does not grow with its length: the signal is K-weighted in
+    segments that start ``WARMUP_SECONDS`` (rounded up to whole 100 ms steps) before
+    their first gating block, as :func:`integrated_loudness` does inside one tensor,
+    and only the per-block energies (10 per second) are kept."""
+
+    def __init__(self, sample_rate: int, segment_seconds: float = 60.0):
+        self.sample_rate = int(sample_rate)
+        self.block = int(round(BLOCK_SECONDS * self.sample_rate))
+        self.step = int(round(self.block * 0.25))
+        self.lead = -(-int(WARMUP_SECONDS * self.sample_rate) // self.step) * self.step
+        self.segment_blocks = max(1, int(segment_seconds * self.sample_rate) // self.step)
+        self._held: list[torch.Tensor] = []   # the signal from ``_origin`` on
+        self._held_len = 0
+        self._origin = 0                       # absolute index of the first held sample
+        self._next = 0                         # absolute start of the next gating block
+        self._energies: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        """Append ``[C, n]`` samples (at most five channels are weighted)."""
+        self._held.append(x[:5].double())
+        self._held_len += x.shape[-1]
+        if self._origin + self._held_len >= self._next + (self.segment_blocks - 1) * self.step + self.block:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        buf = torch.cat(self._held, dim=-1)
+        end = self._origin + buf.shape[-1]
+        n_blocks = (end - self._next - self.block) // self.step + 1 if end - self._next >= self.block else 0
+        if not final:
+            n_blocks = min(n_blocks, self.segment_blocks)
+        if n_blocks > 0:
+            skip = (self._next - self._origin) // self.step    # blocks inside the warm-up lead
+            used = self._next - self._origin + (n_blocks - 1) * self.step + self.block
+            energy = _k_weighted_block_energy(buf[:, :used], self.sample_rate, self.block, self.step, skip + n_blocks)
+            self._energies.append(energy[:, skip:])
+            self._next += n_blocks * self.step
+        keep_from = max(self._origin, self._next - self.lead)
+        self._held = [buf[:, keep_from - self._origin:]]
+        self._held_len = end - keep_from
+        self._origin = keep_from
+
+    def lufs(self) -> float:
+        """Integrated loudness of everything added; ``-inf`` for silence or under 400 ms."""
+        if self._held_len:
+            self._flush(final=True)
+        if not self._energies:
+            return float("-inf")
+        return gated_loudness(torch.cat(self._energies, dim=-1))

@@ -62,3 +62,20 @@ def precision_at(instances: Iterable[tuple[Sequence[int], Sequence[int]]], t: in
     """Mean precision@t over ``(ground_truth, predicted)`` pairs."""
     scores = [precision_rate(g, p, t) for g, p in instances]
     return float(np.mean(scores)) if scores else float("nan")
+
+
+def si_sdr(estimate, reference) -> float:
+    """Scale-invariant SDR in dB (Le Roux et al. 2019) of ``estimate`` against
+    ``reference`` (any shape, all channels pooled); ``-inf`` when the estimate has no
+    part along the reference, ``nan`` for a silent reference."""
+    est = np.asarray(estimate, dtype=np.float64).ravel()
+    ref = np.asarray(reference, dtype=np.float64).ravel()
+    ref_energy = float(ref @ ref)
+    if ref_energy == 0.0:
+        return float("nan")
+    target = (est @ ref) / ref_energy * ref
+    noise = float(((est - target) ** 2).sum())
+    signal = float((target ** 2).sum())
+    if signal == 0.0:
+        return float("-inf")
+    return float(10 * np.log10(signal / max(noise, 1e-300)))

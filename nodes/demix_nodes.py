@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .. import compat
@@ -11,6 +13,9 @@ from .sockets import AUDIO, DEMIX_MODEL
 
 METHODS = ("auto", "dsp", "model")
 MAX_CHUNK_SECONDS = 600.0
+LONG_INPUT_SECONDS = 600.0   # from this length on the node states its memory need before it starts
+
+log = logging.getLogger("avsync")
 
 
 class AVSyncDemixModelLoader:
@@ -102,9 +107,36 @@ class AVSyncDemixer:
         msg = self.VALIDATE_INPUTS(method, chunk_seconds, overlap)
         if msg is not True:
             raise InputError(msg.split(":")[0], msg.split(": ", 1)[1])
-        stems = torch.stack([demix(w, sr, method, demix_model, chunk_seconds, overlap) for w in wav], dim=1)
+        use_model = method == "model" or (method == "auto" and demix_model is not None)
+        self.check_memory(wav, sr, chunk_seconds, "model" if use_model else "dsp")
+        stems = torch.empty(3, *wav.shape, dtype=torch.float32)   # filled clip by clip: no second full-length copy
+        for b, w in enumerate(wav):
+            demix(w, sr, method, demix_model, chunk_seconds, overlap, out=stems[:, b])
         device = compat.intermediate_device()
         return tuple(make_audio(s.to(device), sr) for s in stems)
+
+    @staticmethod
+    def check_memory(wav, sr, chunk_seconds, method):
+        """State the memory need of a long input, and refuse before any work when it
+        exceeds what is available (the full-length stems are returned in memory; the
+        CLI's ``avsync demix`` streams them to disk instead)."""
+        from ..samplers.demix import available_memory_bytes, memory_need
+
+        clips, channels, samples = wav.shape
+        need = memory_need(channels, samples, sr, chunk_seconds, method, clips)
+        free = available_memory_bytes()
+        seconds = samples / sr
+        gb = 2.0 ** 30
+        what = (f"demixing {clips} x {seconds:.0f} s of {channels}-channel {sr} Hz audio ({method}) needs about "
+                f"{need['total'] / gb:.2f} GB ({need['stems'] / gb:.2f} GB for the three stems, "
+                f"{need['chunk'] / gb:.2f} GB for one {chunk_seconds:g} s chunk)")
+        if free is not None and need["total"] > free:
+            raise InputError("audio", f"{what}, more than the {free / gb:.2f} GB of memory available now; "
+                                      f"demix shorter parts (AVSyncAudioLoader start/duration), use smaller "
+                                      f"chunk_seconds, or run `avsync demix`, which streams the stems to disk")
+        if seconds * clips >= LONG_INPUT_SECONDS:
+            avail = "unknown" if free is None else f"{free / gb:.2f} GB"
+            log.info("AVSyncDemixer: %s; available: %s", what, avail)
 
 
 NODE_CLASS_MAPPINGS = {

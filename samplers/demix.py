@@ -5,17 +5,52 @@ the same rate, length and channel count out."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
 from ..core.audio import resample
 from ..core.demix_dsp import STEMS, demix_dsp
-from ..core.loudness import integrated_loudness
-from .chunking import run_overlap_add
+from ..core.loudness import LoudnessMeter, integrated_loudness
+from .chunking import overlap_add_stream, run_overlap_add
 
 METHODS = ("auto", "dsp", "model")
 REFERENCE_LUFS = -27.0   # the reference separate.py brings input to DnR's average loudness
+# Peak working memory of one dsp chunk per input sample and channel (STFT, magnitudes,
+# masks, three stems): measured with bench/bench_demix.py, ~184 MB for 20 s of 44.1 kHz
+# stereo = 104 B; rounded up. The MRX networks need more per chunk (three STFTs, BLSTM
+# states), so a model chunk counts three times as much.
+CHUNK_BYTES_PER_SAMPLE = {"dsp": 120, "model": 360}
+
+
+def memory_need(channels: int, samples: int, sample_rate: int, chunk_seconds: float, method: str,
+                clips: int = 1) -> dict:
+    """Bytes the node needs beyond its input for ``clips`` clips of ``[channels, samples]``:
+    the three full-length float32 stems it returns and one chunk's working set."""
+    kind = "dsp" if method == "dsp" else "model"
+    chunk = min(samples, int(round(chunk_seconds * sample_rate)))
+    stems = 3 * clips * channels * samples * 4
+    work = CHUNK_BYTES_PER_SAMPLE[kind] * channels * chunk
+    return {"stems": stems, "chunk": work, "total": stems + work}
+
+
+def available_memory_bytes() -> Optional[int]:
+    """Memory the process can still take: ComfyUI's figure for the CPU when inside
+    ComfyUI, else the kernel's ``MemAvailable``; None when unknown."""
+    from .. import compat
+
+    free = compat.free_memory_bytes(torch.device("cpu"))
+    if free is not None:
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def input_gain(waveform: torch.Tensor, sample_rate: int, target_lufs: float = REFERENCE_LUFS) -> float:
@@ -54,33 +89,130 @@ def model_chunk_processor(model, sample_rate: int, gain: float) -> Callable[[tor
     return process
 
 
-def demix(waveform: torch.Tensor, sample_rate: int, method: str = "auto", model=None,
-          chunk_seconds: float = 20.0, overlap: float = 0.1,
-          sink: Optional[Callable[[int, torch.Tensor], None]] = None) -> Optional[torch.Tensor]:
-    """Split ``[C, T]`` into ``[3, C, T]`` in :data:`STEMS` order.
-
-    ``method``: ``dsp`` (no weights), ``model`` (``model`` is required) or ``auto``
-    (the model when given, else dsp). Chunks of ``chunk_seconds`` overlap by
-    ``overlap`` of a chunk and are cross-faded. With ``sink`` the stems are handed over
-    block by block (see :func:`~.chunking.run_overlap_add`) and nothing is returned.
-    """
+def _chunk_processor(method: str, model, sample_rate: int, gain: Callable[[], float]):
+    """``(process, desc, use_model)`` for :func:`demix` and :func:`demix_blocks`."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     use_model = method == "model" or (method == "auto" and model is not None)
     if use_model and model is None:
         raise ValueError("method 'model' needs a demix model")
-    x = waveform.to(torch.float32)
-    chunk = max(1, int(round(chunk_seconds * sample_rate)))
-    ov = int(round(min(max(overlap, 0.0), 0.5) * chunk))
     if use_model:
-        process = model_chunk_processor(model, sample_rate, input_gain(x, sample_rate))
-        desc = f"demix ({model.family})"
-    else:
-        def process(c: torch.Tensor) -> torch.Tensor:
-            return demix_dsp(c, sample_rate)
-        desc = "demix (dsp)"
+        return model_chunk_processor(model, sample_rate, gain()), f"demix ({model.family})", True
+
+    def process(c: torch.Tensor) -> torch.Tensor:
+        return demix_dsp(c, sample_rate)
+    return process, "demix (dsp)", False
+
+
+def _chunk_sizes(sample_rate: int, chunk_seconds: float, overlap: float) -> tuple[int, int]:
+    chunk = max(1, int(round(chunk_seconds * sample_rate)))
+    return chunk, int(round(min(max(overlap, 0.0), 0.5) * chunk))
+
+
+def demix(waveform: torch.Tensor, sample_rate: int, method: str = "auto", model=None,
+          chunk_seconds: float = 20.0, overlap: float = 0.1,
+          sink: Optional[Callable[[int, torch.Tensor], None]] = None,
+          out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Split ``[C, T]`` into ``[3, C, T]`` in :data:`STEMS` order.
+
+    ``method``: ``dsp`` (no weights), ``model`` (``model`` is required) or ``auto``
+    (the model when given, else dsp). Chunks of ``chunk_seconds`` overlap by
+    ``overlap`` of a chunk and are cross-faded. With ``sink`` the stems are handed over
+    block by block (see :func:`~.chunking.run_overlap_add`) and nothing is returned;
+    ``out`` (``[3, C, T]``) receives the stems instead of a new tensor.
+    """
+    x = waveform.to(torch.float32)
+    process, desc, use_model = _chunk_processor(method, model, sample_rate, lambda: input_gain(x, sample_rate))
+    chunk, ov = _chunk_sizes(sample_rate, chunk_seconds, overlap)
     try:
-        return run_overlap_add(process, x, chunk, ov, len(STEMS), desc=desc, sink=sink)
+        return run_overlap_add(process, x, chunk, ov, len(STEMS), desc=desc, sink=sink, out=out)
     finally:
         if use_model:
             model.managed.offload()
+
+
+def demix_blocks(blocks: Iterable[torch.Tensor], sample_rate: int, method: str = "auto", model=None,
+                 chunk_seconds: float = 20.0, overlap: float = 0.1, gain: float = 1.0,
+                 expected_total: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`demix` of a signal that arrives block by block: yields finished stem blocks
+    ``(start, [3, C, n])`` in order, each before more than one input block past its
+    chunk is pulled (:func:`~.chunking.overlap_add_stream`). Same chunks, same result
+    as :func:`demix` on the whole signal. A model's input ``gain`` must come from the
+    whole signal (:func:`input_gain`, or a :class:`~avsync.core.loudness.LoudnessMeter`
+    pass over it), as the reference normalises the whole file's loudness."""
+    process, desc, use_model = _chunk_processor(method, model, sample_rate, lambda: gain)
+    chunk, ov = _chunk_sizes(sample_rate, chunk_seconds, overlap)
+    try:
+        yield from overlap_add_stream(process, (b.to(torch.float32) for b in blocks), chunk, ov, len(STEMS),
+                                      desc=desc, expected_total=expected_total)
+    finally:
+        if use_model:
+            model.managed.offload()
+
+
+def gain_of_file(open_stream: Callable[[], Iterable], sample_rate: int) -> float:
+    """:func:`input_gain` of a whole file, from one decoding pass in bounded memory."""
+    meter = LoudnessMeter(sample_rate)
+    for block in open_stream():
+        meter.add(torch.from_numpy(block))
+    lufs = meter.lufs()
+    return 1.0 if not math.isfinite(lufs) else float(10.0 ** ((REFERENCE_LUFS - lufs) / 20.0))
+
+
+def demix_file(path: str | Path, out_dir: str | Path, method: str = "auto", model=None,
+               chunk_seconds: float = 20.0, overlap: float = 0.1, bits: int = 16,
+               max_seconds: float = 3600.0, stem_files: tuple = ("speech.wav", "effects.wav", "music.wav"),
+               start: float = 0.0, duration: float = 0.0, channel_mode: str = "keep") -> dict:
+    """Demix an audio file into WAV files in ``out_dir`` (``stem_files``, in :data:`STEMS`
+    order) in memory that does not grow with the file's length: the input is decoded
+    block by block and each chunk's stems are written before the next input chunk is
+    decoded. Files are written under temporary names and renamed only when all three
+    are complete; on any error nothing is left in ``out_dir``. A model's input gain
+    takes one extra decoding pass (the loudness of the whole file). ``start`` /
+    ``duration`` pick a segment and ``channel_mode`` (``keep`` / ``mono`` / ``stereo``)
+    mixes each block as the audio loader would (a per-sample mix, so block by block
+    is exact); there is no resampling here: stems come out at the file's rate.
+    Returns ``{"sample_rate", "channels", "samples", "paths"}``."""
+    from ..core.audio import to_channels
+    from ..core.audio_io import AudioStream, WavWriter
+
+    path = Path(path)
+
+    def open_stream():
+        return AudioStream(path, start=start, duration=duration, max_seconds=max_seconds)
+
+    def mixed(stream):
+        for block in stream:
+            yield to_channels(torch.from_numpy(block), channel_mode)
+
+    use_model = method == "model" or (method == "auto" and model is not None)
+    with open_stream() as probe:   # fail on a bad file before any work
+        sr = probe.sample_rate
+        expected = probe.expected_samples
+    gain = 1.0
+    if use_model:
+        def decode():
+            with open_stream() as s:
+                yield from (b.numpy() for b in mixed(s))
+        gain = gain_of_file(decode, sr)
+    writers: list = []
+    total = 0
+    channels = 0
+    try:
+        with open_stream() as stream:
+            blocks = mixed(stream)
+            for start, stems in demix_blocks(blocks, sr, method, model, chunk_seconds, overlap, gain, expected):
+                if not writers:
+                    channels = stems.shape[1]
+                    writers = [WavWriter(Path(out_dir) / name, sr, channels, bits) for name in stem_files]
+                for writer, stem in zip(writers, stems):
+                    writer.write(stem.numpy())
+                total = start + stems.shape[-1]
+        for w in writers:
+            w.finish()   # all three complete before any is renamed
+        paths = [w.commit() for w in writers]
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    return {"sample_rate": sr, "channels": channels, "samples": total, "paths": paths}
