@@ -86,23 +86,31 @@ class Progress:
         self.value = min(int(value), self.total)
         if self._bar is not None:
             self._bar.update_absolute(self.value, self.total, preview)
-        else:
-            check_interrupted()
+        # Also directly: newer ComfyUI throttles the ProgressBar hook (>= 100 ms between calls),
+        # and that hook is where Cancel used to be noticed; a step that ends inside the
+        # throttle window would otherwise run one more step after Cancel.
+        check_interrupted()
         if self._callback is not None:
-            self._callback(self.value, self.total)
+            if self._callback is _default_callback and _default_callback_wants_desc:
+                self._callback(self.value, self.total, self.desc)
+            else:
+                self._callback(self.value, self.total)
         now = time.monotonic()
         if self._bar is None and (now - self._last_log > 0.5 or self.value == self.total):
             self._last_log = now
             log.debug("%s %d/%d", self.desc, self.value, self.total)
 
 
-_default_callback: Optional[Callable[[int, int], None]] = None
+_default_callback: Optional[Callable[..., None]] = None
+_default_callback_wants_desc = False
 
 
-def set_default_progress_callback(fn: Optional[Callable[[int, int], None]]) -> None:
-    """The CLI installs a terminal bar here; ComfyUI does not need it."""
-    global _default_callback
+def set_default_progress_callback(fn: Optional[Callable[..., None]], *, with_desc: bool = False) -> None:
+    """The CLI installs its progress reporter here; ComfyUI does not need it. ``fn(value, total)``,
+    or ``fn(value, total, desc)`` with ``with_desc``."""
+    global _default_callback, _default_callback_wants_desc
     _default_callback = fn
+    _default_callback_wants_desc = bool(with_desc)
 
 
 class Interrupted(RuntimeError):
@@ -123,7 +131,11 @@ def check_interrupted() -> None:
     global _interrupt_requested
     mm = _comfy_module("comfy.model_management")
     if mm is not None:
-        mm.throw_exception_if_processing_interrupted()
+        check = getattr(mm, "throw_exception_if_processing_interrupted", None)
+        if check is not None:
+            check()
+        elif getattr(mm, "processing_interrupted", lambda: False)():
+            raise getattr(mm, "InterruptProcessingException", Interrupted)()
         return
     if _interrupt_requested:
         _interrupt_requested = False
@@ -340,6 +352,16 @@ def find_model_file(folder: str, name: str) -> Optional[Path]:
         if p.exists():
             return p
     return None
+
+
+def clip_bpe_tokenizer_dir() -> Optional[Path]:
+    """ComfyUI's copy of the CLIP BPE vocabulary (``comfy/sd1_tokenizer``: ``vocab.json``,
+    ``merges.txt``) when ComfyUI has imported ``comfy``; None otherwise."""
+    comfy = sys.modules.get("comfy")
+    if comfy is None or not getattr(comfy, "__file__", None):
+        return None
+    d = Path(comfy.__file__).parent / "sd1_tokenizer"
+    return d if (d / "vocab.json").is_file() and (d / "merges.txt").is_file() else None
 
 
 # --------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+from _report import row  # noqa: E402  (bench/ is the script's folder)
 
 
 def _signal(seconds: float, sr: int = 44100):
@@ -132,9 +133,11 @@ def main() -> None:
     print(f"real-time factor, 44.1 kHz stereo, {seconds:g} s, 2 threads (higher is faster)")
     r = rtf("dsp", seconds)
     print(f"  dsp          {r:8.1f}x real time   (goal >= 20x: {'met' if r >= 20 else 'NOT met'})")
+    row(f"demix dsp, {seconds:g} s 44.1 kHz stereo", r, "x real time")
     if not args.quick:
         r_mrx = rtf("mrx", 10.0, repeats=1)
         print(f"  mrx (512x3)  {r_mrx:8.2f}x real time   (dsp is {r / r_mrx:.0f}x faster)")
+        row("demix mrx (released size), 10 s", r_mrx, "x real time")
     lengths = (40, 80, 160) if args.quick else (40, 80, 160, 320, 640)
     print("peak anonymous memory above the one-chunk baseline (MB) against input length, dsp, 20 s chunks")
     print(f"  {'seconds':>8} {'input':>7} {'sink':>8} {'chunked':>8} {'one pass':>9} {'sink/one':>9}")
@@ -142,6 +145,8 @@ def main() -> None:
         sink, chunked, whole = memory("sink", s), memory("chunked", s), memory("whole", s)
         mb = s * 44100 * 2 * 4 / 2**20
         print(f"  {s:8d} {mb:7.1f} {sink:8.1f} {chunked:8.1f} {whole:9.1f} {sink / max(whole, 1e-9):9.2f}")
+        row(f"demix dsp memory, {s} s, chunked (streaming sink)", sink, "MB above baseline",
+            ratio=sink / max(whole, 1e-9), vs="one unchunked pass", peak_mb=sink)
 
 
 if __name__ == "__main__":

@@ -186,6 +186,15 @@ def main(argv=None) -> int:
     print(f"fused / two_call: time {f['time_s'] / t['time_s']:.2f}x, peak memory {f['peak_bytes'] / t['peak_bytes']:.2f}x")
     print(f"fused / two_unet: time {f['time_s'] / u['time_s']:.2f}x, peak memory {f['peak_bytes'] / u['peak_bytes']:.2f}x")
     print("reference pipeline (jeanne-wang/svd_keyframe_interpolation): not installed here; two_unet mirrors its layout")
+    from _report import row  # bench/ is the script's folder
+
+    size = f"{cfg}, {args.frames}x{args.width}x{args.height}, {args.device}"
+    for other in ("two_call", "two_unet"):
+        o = results[other]
+        row(f"inbetween fused eval ({size}) time", f["time_s"], "s", ratio=f["time_s"] / o["time_s"], vs=other,
+            peak_mb=f["peak_bytes"] / 2**20)
+        row(f"inbetween fused eval ({size}) peak memory", f["peak_bytes"] / 2**20, "MiB",
+            ratio=f["peak_bytes"] / o["peak_bytes"], vs=other, peak_mb=f["peak_bytes"] / 2**20)
     return 0
 
 

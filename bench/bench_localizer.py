@@ -16,7 +16,6 @@ Prints numbers and ratios measured in the same run:
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
@@ -27,16 +26,7 @@ from avsync.core.fbank import imagebind_input  # noqa: E402
 from avsync.core.localize import WINDOW_SAMPLES, localize, window_starts  # noqa: E402
 from avsync.core.onset import frame_envelope, normalise, onset_curve  # noqa: E402
 from avsync.core.timeline import Timeline  # noqa: E402
-
-
-def best_of(fn, repeat=5):
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+from _report import best_of, row  # noqa: E402  (bench/ is the script's folder)
 
 
 def naive_onset(wav: torch.Tensor, sr: int, tl: Timeline) -> np.ndarray:
@@ -78,6 +68,8 @@ def main() -> None:
         print(f"[{n} thread(s)] onset localize (curve + peaks + selection): {t_all * 1000:.0f} ms = "
               f"{dur / t_all:.0f}x real time")
         print(f"[{n} thread(s)] naive onset path: {t_naive * 1000:.0f} ms; ours is {t_naive / t_curve:.1f}x faster")
+        row(f"onset curve 60 s 48 kHz, {n} thread(s)", dur / t_curve, "x real time", ratio=t_curve / t_naive,
+            vs="naive onset path")
     torch.set_num_threads(threads)
 
     x16 = 0.1 * torch.randn(int(16000 * dur), generator=g)
@@ -97,6 +89,7 @@ def main() -> None:
     t_fb_ref = best_of(per_clip, repeat=3)
     print(f"fbank of {len(starts)} windows (60 s): batched {t_fb * 1000:.0f} ms vs per-clip torchaudio "
           f"{t_fb_ref * 1000:.0f} ms ({t_fb_ref / t_fb:.1f}x)")
+    row("fbank of all 2-s windows of 60 s", t_fb * 1000, "ms", ratio=t_fb / t_fb_ref, vs="per-clip torchaudio fbank")
 
     if args.quick:
         return
@@ -121,6 +114,8 @@ def main() -> None:
     print(f"learned, one window at a time: {t1:.2f} s per 2-s window = {1.0 / t1:.2f}x real time (1-s hop)")
     print(f"learned, 2 windows per batch: {t2:.2f} s per window = {1.0 / t2:.2f}x real time; "
           f"batching {t1 / t2:.2f}x")
+    row(f"learned localizer real size ({args.device}), 2 windows/batch", 1.0 / t2, "x real time", ratio=t2 / t1,
+        vs="one window at a time")
 
 
 if __name__ == "__main__":

@@ -121,6 +121,12 @@ def main() -> None:
     a, n = res["avsync"], res["naive"]
     print(f"ratio avsync/naive: time {a['seconds'] / n['seconds']:.2f}x, peak RSS {a['peak_rss'] / n['peak_rss']:.2f}x, "
           f"anonymous after {a['anon_after'] / n['anon_after']:.2f}x")
+    from _report import row  # bench/ is the script's folder
+
+    row(f"SVD single-file load ({args.size}, {args.dtype}) time", a["seconds"], "s", ratio=a["seconds"] / n["seconds"],
+        vs="naive load", peak_mb=a["peak_rss"] / 2**20)
+    row(f"SVD single-file load ({args.size}, {args.dtype}) peak RSS", a["peak_rss"] / 2**20, "MiB",
+        ratio=a["peak_rss"] / n["peak_rss"], vs="naive load", peak_mb=a["peak_rss"] / 2**20)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,12 @@
 
 Subcommands live in ``cli/cmd_*.py``; each module has ``register(subparsers)`` that
 adds its parser and sets ``func``. They run the same code the nodes run, through
-:func:`avsync.cli.common.run_node`.
+:func:`avsync.cli.common.run_node`, and get their node flags from the node schemas
+(:mod:`avsync.cli.schema_args`).
+
+Exit codes: 0 done; 2 a user error (bad option, missing or broken file, output that cannot
+be written), one line naming the option or file, no traceback; 1 an internal error, a short
+message and the log file holding the traceback (printed too with ``-v``); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"avsync {__version__}")
     parser.add_argument("--models", metavar="DIR", help="models directory (default: $AVSYNC_MODELS_DIR or ./models)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and details")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log details; print the full traceback of an internal error")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress and no summary line")
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if mod_info.name.startswith("cmd_"):
@@ -32,26 +42,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_log_path() -> Path:
+    """Where an internal error's traceback is written: $XDG_STATE_HOME/avsync/last-error.log
+    (~/.local/state/...), or the temp folder when that cannot be written."""
+    import tempfile
+
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    for d in (Path(base) / "avsync", Path(tempfile.gettempdir())):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            if os.access(d, os.W_OK):
+                return d / ("last-error.log" if d.name == "avsync" else "avsync-last-error.log")
+        except OSError:
+            continue
+    return Path(tempfile.gettempdir()) / "avsync-last-error.log"
+
+
+def _internal_error(command: str, err: BaseException, verbose: bool) -> int:
+    import traceback
+
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    log = error_log_path()
+    try:
+        log.write_text(f"avsync {command}: {' '.join(sys.argv)}\n{text}")
+        where = f"traceback in {log}"
+    except OSError:
+        where = "no log could be written"
+    if verbose:
+        sys.stderr.write(text)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    print(f"avsync {command}: internal error: {type(err).__name__}{': ' + first[:300] if first else ''} "
+          f"({where}; rerun with -v to print it)", file=sys.stderr)
+    return 1
+
+
 def main(argv=None) -> int:
     from .. import compat
     from ..core.errors import AVSyncError
+    from .common import ProgressReporter
+    from .schema_args import translate_message
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if args.models:
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a usage error (already printed, code 2)
+        return int(exit_.code or 0)
+    verbose, quiet = bool(getattr(args, "verbose", False)), bool(getattr(args, "quiet", False))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    if getattr(args, "models", None):
         compat.set_models_dir(args.models)
-    from .common import terminal_progress
-
-    compat.set_default_progress_callback(terminal_progress)  # a bar on a terminal, silent otherwise
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    command = args.command
+    compat.set_default_progress_callback(ProgressReporter(command, quiet=quiet), with_desc=True)
     try:
         return int(args.func(args) or 0)
     except AVSyncError as err:
-        print(f"avsync {args.command}: error: {err}", file=sys.stderr)
+        msg = translate_message(args, str(err), getattr(err, "input_name", None))
+        print(f"avsync {command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"avsync {args.command}: interrupted", file=sys.stderr)
+    except (KeyboardInterrupt, compat.Interrupted):
+        print(f"avsync {command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # an internal error: short message, traceback in the log (and with -v)
+        return _internal_error(command, err, verbose)
+    finally:
+        compat.set_default_progress_callback(None)

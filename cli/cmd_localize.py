@@ -1,50 +1,82 @@
 """``avsync localize AUDIO --out result.json``: keyframes from an audio file, through
 the same node code (AVSyncAudioLoader → AVSyncLocalizerModelLoader →
-AVSyncKeyframeLocalizer) a ComfyUI workflow runs."""
+AVSyncKeyframeLocalizer) a ComfyUI workflow runs. Every node input is a flag generated
+from the node schemas (cli/schema_args.py)."""
 
 from __future__ import annotations
 
+LOADER_SKIP = {"audio_file": "the AUDIO argument"}
+
 
 def register(sub) -> None:
-    from ..core.keyframes import CLIP_FRAMES, NUM_KEYFRAMES, PEAK_DISTANCE, PEAK_PROMINENCE, VARIANTS
-    from ..core.localize import METHODS, SMOOTHING
+    from .common import add_common_options
+    from .schema_args import add_node_arguments, set_input_flags
 
-    p = sub.add_parser("localize", help="find keyframes in an audio file (KeyVID keyframe localizer)")
+    p = sub.add_parser("localize", help="find keyframes in an audio file (KeyVID keyframe localizer)",
+                       description="Find keyframes in an audio file: the AVSyncAudioLoader and "
+                                   "AVSyncKeyframeLocalizer nodes, run from the command line.")
     p.add_argument("audio", metavar="AUDIO", help="audio (or video) file")
-    p.add_argument("--out", required=True, help="JSON file to write (fps, num_frames, curve, peaks, valleys, keyframes)")
-    p.add_argument("--fps", type=float, default=24.0, help="video frame rate of the grid (default 24)")
-    p.add_argument("--method", choices=METHODS, default="onset", help="onset (no model) or learned (KeyVID localizer)")
-    p.add_argument("--selection", choices=VARIANTS, default="reference", help="keyframe selection variant")
-    p.add_argument("--num-keyframes", type=int, default=NUM_KEYFRAMES, help="keyframes per clip (default 12)")
-    p.add_argument("--clip-frames", type=int, default=CLIP_FRAMES, help="frames per clip (default 48)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random choices (default 0)")
-    p.add_argument("--smoothing", choices=SMOOTHING, default="auto", help="window-5 moving average before peak finding")
-    p.add_argument("--peak-distance", type=int, default=PEAK_DISTANCE)
-    p.add_argument("--prominence", type=float, default=PEAK_PROMINENCE)
-    p.add_argument("--model", default=None, help="localizer file in the avsync_localizer folder (method learned)")
-    p.add_argument("--start", type=float, default=0.0, help="start of the stretch to read, seconds")
-    p.add_argument("--duration", type=float, default=0.0, help="length to read, seconds (0: to the end)")
-    p.add_argument("--plot", default=None, help="also save the plot as an image (PNG/JPG)")
+    p.add_argument("--out", required=True, metavar="FILE.json",
+                   help="JSON file to write (fps, num_frames, curve, peaks, valleys, keyframes)")
+    p.add_argument("--plot", default=None, metavar="IMAGE",
+                   help="also save the plot as an image (.png, .jpg, ... any format Pillow writes)")
+    p.add_argument("--driving-audio", default=None, metavar="FILE",
+                   help="another track to find the moments in (e.g. demix's effects.wav), read with the same "
+                        "start/duration/rate settings; it must cover the same stretch of time as AUDIO")
+    add_common_options(p)
+    add_node_arguments(p, "AVSyncAudioLoader", skip=LOADER_SKIP, title="audio (AVSyncAudioLoader)")
+    add_node_arguments(p, "AVSyncKeyframeLocalizer", title="keyframes (AVSyncKeyframeLocalizer)")
+    add_node_arguments(p, "AVSyncLocalizerModelLoader", rename={"model_name": "model"}, paths=("model_name",),
+                       title="model (AVSyncLocalizerModelLoader, method learned)")
+    set_input_flags(p, {"audio_file": "AUDIO", "driving_audio": "--driving-audio"})
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from .common import load_audio_file, run_node, write_json
+    from .common import (OutputError, check_input_file, check_output_file, image_suffixes, load_audio_file, run_node,
+                         staged_outputs, write_json_to)
+    from .schema_args import node_inputs_from_args
 
-    audio, timeline = load_audio_file(args.audio, fps=args.fps, start=args.start, duration=args.duration)
-    inputs = dict(audio=audio, timeline=timeline, method=args.method, selection=args.selection,
-                  num_keyframes=args.num_keyframes, clip_frames=args.clip_frames, seed=args.seed,
-                  smoothing=args.smoothing, peak_distance=args.peak_distance, prominence=args.prominence)
-    if args.method == "learned":
-        from ..loaders.localizer import SPEC
-
-        (inputs["localizer_model"],) = run_node("AVSyncLocalizerModelLoader", model_name=args.model or SPEC.filename)
+    force = bool(getattr(args, "force", False))
+    check_input_file(args.audio, "AUDIO")
+    if args.driving_audio:
+        check_input_file(args.driving_audio, "--driving-audio")
+    out = check_output_file(args.out, "--out", force)
+    plot_path = check_output_file(args.plot, "--plot", force, image_suffixes(), "image") if args.plot else None
+    if plot_path is not None and plot_path.resolve() == out.resolve():
+        raise OutputError("--plot", plot_path, "is the same file as --out")
+    loader = node_inputs_from_args(args, "AVSyncAudioLoader")
+    inputs = node_inputs_from_args(args, "AVSyncKeyframeLocalizer")
+    audio, timeline = load_audio_file(args.audio, **loader)
+    inputs.update(audio=audio, timeline=timeline)
+    if args.driving_audio:
+        inputs["driving_audio"], _ = load_audio_file(args.driving_audio, **loader)
+    if inputs["method"] == "learned":
+        model = node_inputs_from_args(args, "AVSyncLocalizerModelLoader")["model_name"]
+        inputs["localizer_model"] = _localizer(model)
     keyframes, plot = run_node("AVSyncKeyframeLocalizer", **inputs)
-    write_json(args.out, keyframes.to_dict())
-    if args.plot:
-        from PIL import Image
+    with staged_outputs() as stage:
+        write_json_to(stage(out), keyframes.to_dict())
+        if plot_path is not None:
+            from PIL import Image
 
-        Image.fromarray((plot[0].numpy() * 255).round().astype("uint8")).save(args.plot)
-    print(f"{len(keyframes.indices)} keyframes over {keyframes.num_frames} frames at {keyframes.fps:g} fps "
-          f"-> {args.out}")
+            Image.fromarray((plot[0].numpy() * 255).round().astype("uint8")).save(stage(plot_path))
+    if not getattr(args, "quiet", False):
+        print(f"{len(keyframes.indices)} keyframes over {keyframes.num_frames} frames at {keyframes.fps:g} fps "
+              f"-> {out}" + (f", plot {plot_path}" if plot_path else ""))
     return 0
+
+
+def _localizer(name: str):
+    """A name in the avsync_localizer folder goes through the loader node; an existing path is
+    loaded with the function that node calls."""
+    from .. import compat
+    from ..loaders.localizer import FOLDER, load_localizer
+    from .common import path_outside_model_folders, run_node
+
+    path = path_outside_model_folders(name, FOLDER)
+    if path is not None:
+        net = load_localizer(path)
+        return compat.manage_model(net, {"file": str(path), "config": net.cfg.to_dict()})
+    (model,) = run_node("AVSyncLocalizerModelLoader", model_name=name)
+    return model

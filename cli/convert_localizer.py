@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from .common import add_common_options, check_input_file, check_output_file, staged_outputs
+
 
 def register(kinds) -> None:
     p = kinds.add_parser("localizer", help="KeyVID keyframe localizer (best_model_version1_with_skip.pth)")
@@ -10,13 +12,17 @@ def register(kinds) -> None:
     p.add_argument("dst", metavar="OUT.safetensors", help="where to write the converted file")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads of the audio trunk (default: width / 64, i.e. 12 for the release)")
+    add_common_options(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..loaders.localizer import convert_checkpoint
 
-    summary = convert_checkpoint(args.src, args.dst, num_heads=args.num_heads)
+    check_input_file(args.src, "IN.pth")
+    dst = check_output_file(args.dst, "OUT.safetensors", getattr(args, "force", False), {".safetensors"})
+    with staged_outputs() as stage:
+        summary = convert_checkpoint(args.src, stage(dst), num_heads=args.num_heads)
     cfg = summary["config"]
     print(f"wrote {args.dst}: {summary['kept']} tensors kept, {summary['dropped']} unused dropped "
           f"(width {cfg['embed_dim']}, {cfg['num_blocks']} blocks, {cfg['num_heads']} heads, "

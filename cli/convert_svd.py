@@ -13,6 +13,9 @@ a diffusers folder.
 
 from __future__ import annotations
 
+from .common import (OutputError, add_common_options, check_input_file, check_output_dir, check_output_file,
+                     staged_outputs)
+
 
 def register(kinds) -> None:
     p = kinds.add_parser(
@@ -29,12 +32,14 @@ def register(kinds) -> None:
     p.add_argument("--out", required=True, metavar="OUT.safetensors", help="where to write ΔW")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                    help="precision of the stored ΔW (default fp16, as the released inference computes it)")
+    add_common_options(p)
     p.set_defaults(func=run_backward)
 
     q = kinds.add_parser("svd-single-file", help="svd_xt.safetensors (ldm layout) -> a diffusers folder")
     q.add_argument("src", metavar="IN.safetensors", help="SVD / SVD-XT single-file checkpoint")
     q.add_argument("dst", metavar="OUT_DIR", help="diffusers folder to write (unet/, vae/, image_encoder/, ...)")
     q.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="precision of the written weights")
+    add_common_options(q)
     q.set_defaults(func=run_single_file)
 
 
@@ -43,13 +48,15 @@ def run_backward(args) -> int:
 
     from ..loaders import svd
 
+    out = check_output_file(args.out, "--out", getattr(args, "force", False), {".safetensors", ".sft"})
     finetuned = svd.read_unet_state_dict(args.finetuned)
     base = svd.read_unet_state_dict(args.base)
     deltas = svd.compute_backward_delta(finetuned, base)
-    out = svd.save_backward_delta(deltas, args.out, dtype=args.dtype, metadata={
-        "finetuned": Path(args.finetuned).name, "base_file": Path(args.base).name,
-    })
-    loaded = svd.load_backward_delta(out)
+    with staged_outputs() as stage:
+        tmp = svd.save_backward_delta(deltas, stage(out), dtype=args.dtype, metadata={
+            "finetuned": Path(args.finetuned).name, "base_file": Path(args.base).name,
+        })
+        loaded = svd.load_backward_delta(tmp)
     layers = {n.rsplit(".attn1.", 1)[0] for n in loaded.names()}
     largest = max(float(d.abs().max()) for d in deltas.values())
     print(f"wrote {out}: ΔW for {len(layers)} temporal attention layers ({len(loaded.deltas)} tensors, "
@@ -58,8 +65,17 @@ def run_backward(args) -> int:
 
 
 def run_single_file(args) -> int:
+    from pathlib import Path
+
     from ..loaders import svd
 
+    check_input_file(args.src, "IN.safetensors")
+    dst = Path(args.dst)
+    if dst.exists() and not dst.is_dir():
+        raise OutputError("OUT_DIR", dst, "is a file; expected a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not getattr(args, "force", False):
+        raise OutputError("OUT_DIR", dst, "is not empty; pass --force to write into it")
+    check_output_dir(dst, "OUT_DIR", (), force=True)
     model = svd.load_svd_single_file(args.src, args.dtype)
     out = svd.save_svd_diffusers(model, args.dst)
     sizes = model.weight_bytes()

@@ -8,6 +8,7 @@ AUDIO is ``{"waveform": float32 tensor [B, C, T], "sample_rate": int}`` (as core
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any, Mapping
 
 import torch
@@ -93,12 +94,45 @@ def to_channels(waveform: torch.Tensor, mode: str) -> torch.Tensor:
     raise InputError("channels", f"must be keep, mono or stereo, got {mode!r}")
 
 
+# Resampling parameters (Kaiser-windowed sinc; the "kaiser_best" setting of librosa/resampy that
+# torchaudio's documentation recommends for quality).
+RESAMPLE_ZEROS = 16
+RESAMPLE_ROLLOFF = 0.945
+RESAMPLE_BETA = 14.769656459379492
+
+
+@lru_cache(maxsize=16)
+def _sinc_kernel(orig: int, new: int) -> tuple[torch.Tensor, int]:
+    """Polyphase Kaiser-windowed sinc filters ``[new, 1, 2·width + orig]`` (float64) for rates reduced by
+    their gcd. The same construction as torchaudio's
+    ``functional/functional.py:_get_sinc_resample_kernel`` (``sinc_interp_kaiser``), computed in float64."""
+    base = min(orig, new) * RESAMPLE_ROLLOFF
+    width = math.ceil(RESAMPLE_ZEROS * orig / base)
+    idx = torch.arange(-width, width + orig, dtype=torch.float64)[None, None] / orig
+    t = torch.arange(0, -new, -1, dtype=torch.float64)[:, None, None] / new + idx
+    t = (t * base).clamp_(-RESAMPLE_ZEROS, RESAMPLE_ZEROS)
+    beta = torch.tensor(RESAMPLE_BETA, dtype=torch.float64)
+    window = torch.i0(beta * torch.sqrt(1 - (t / RESAMPLE_ZEROS) ** 2)) / torch.i0(beta)
+    t = t * math.pi
+    kernels = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t) * window * (base / orig)
+    return kernels, width
+
+
 def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
-    """Band-limited resampling (windowed sinc, torchaudio) of ``[..., T]`` samples."""
+    """Band-limited resampling (Kaiser-windowed sinc, 16 zero crossings, roll-off 0.945) of
+    ``[..., T]`` samples; the output has ``ceil(T · new / orig)`` samples. Pure torch: equal to
+    ``torchaudio.functional.resample(x, orig, new, lowpass_filter_width=16, rolloff=0.945,
+    resampling_method="sinc_interp_kaiser", beta=14.77)`` within float32 rounding (tested), without
+    needing torchaudio (newer ComfyUI installs may lack it)."""
     if int(orig_sr) == int(new_sr):
         return waveform
-    import torchaudio.functional as AF
-
     g = math.gcd(int(orig_sr), int(new_sr))
-    return AF.resample(waveform, int(orig_sr) // g, int(new_sr) // g, lowpass_filter_width=16, rolloff=0.945,
-                       resampling_method="sinc_interp_kaiser", beta=14.769656459379492)
+    orig, new = int(orig_sr) // g, int(new_sr) // g
+    kernel, width = _sinc_kernel(orig, new)
+    shape = waveform.shape
+    x = waveform.reshape(-1, shape[-1])
+    length = x.shape[-1]
+    x = torch.nn.functional.pad(x, (width, width + orig))
+    y = torch.nn.functional.conv1d(x[:, None], kernel.to(device=x.device, dtype=x.dtype), stride=orig)
+    y = y.transpose(1, 2).reshape(x.shape[0], -1)[:, : -(-new * length // orig)]
+    return y.reshape(*shape[:-1], y.shape[-1])

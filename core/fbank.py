@@ -32,10 +32,25 @@ TARGET_FRAMES = 198
 
 @lru_cache(maxsize=8)
 def _mel_banks(num_mel_bins: int, padded: int, sample_rate: float, low_freq: float, high_freq: float) -> torch.Tensor:
-    """Kaldi's triangular mel banks ``[padded // 2 + 1, num_mel_bins]`` (float32)."""
-    from torchaudio.compliance.kaldi import get_mel_banks
+    """Kaldi's triangular mel banks ``[padded // 2 + 1, num_mel_bins]`` (float32): the construction of
+    torchaudio's ``compliance/kaldi.py:get_mel_banks`` without VTLN warping (Kaldi's mel scale
+    ``1127 ln(1 + f/700)``, bins spaced evenly in mel between ``low_freq`` and ``high_freq``), in
+    float64; the Nyquist bin gets no weight, as in torchaudio. No torchaudio needed."""
+    nyquist = 0.5 * sample_rate
+    if high_freq <= 0.0:
+        high_freq += nyquist
+    if not (0.0 <= low_freq < nyquist and 0.0 < high_freq <= nyquist and low_freq < high_freq):
+        raise ValueError(f"bad mel band edges {low_freq}..{high_freq} Hz at {sample_rate} Hz")
 
-    banks, _ = get_mel_banks(num_mel_bins, padded, float(sample_rate), low_freq, high_freq, 100.0, -500.0, 1.0)
+    def mel(f):
+        return 1127.0 * torch.log1p(torch.as_tensor(f, dtype=torch.float64) / 700.0)
+
+    lo, hi = mel(low_freq), mel(high_freq)
+    delta = (hi - lo) / (num_mel_bins + 1)
+    b = torch.arange(num_mel_bins, dtype=torch.float64)[:, None]
+    left, center, right = lo + b * delta, lo + (b + 1) * delta, lo + (b + 2) * delta
+    fft_mel = mel(sample_rate / padded * torch.arange(padded // 2, dtype=torch.float64))[None, :]
+    banks = torch.minimum((fft_mel - left) / (center - left), (right - fft_mel) / (right - center)).clamp_min(0.0)
     banks = torch.nn.functional.pad(banks, (0, 1))  # Nyquist column
     return banks.to(torch.float32).T.contiguous()
 

@@ -39,12 +39,27 @@ def _fft_size(sample_rate: float) -> int:
     return 1 << max(int(math.floor(math.log2(sample_rate * WINDOW_SECONDS) + 1e-9)), 5)
 
 
+def htk_mel_filterbank(n_freqs: int, f_min: float, f_max: float, n_mels: int, sample_rate: int) -> torch.Tensor:
+    """Triangular HTK-mel filters ``[n_freqs, n_mels]`` (float32, unnormalised): the construction of
+    torchaudio's ``functional/functional.py:melscale_fbanks`` (``norm=None, mel_scale="htk"``), in
+    float64 then rounded, so no torchaudio is needed."""
+    def hz_to_mel(f):
+        return 2595.0 * math.log10(1.0 + f / 700.0)
+
+    all_freqs = torch.linspace(0, sample_rate // 2, n_freqs, dtype=torch.float64)
+    m_pts = torch.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2, dtype=torch.float64)
+    f_pts = 700.0 * (10.0 ** (m_pts / 2595.0) - 1.0)
+    f_diff = f_pts[1:] - f_pts[:-1]
+    slopes = f_pts[None, :] - all_freqs[:, None]
+    down = -slopes[:, :-2] / f_diff[:-1]
+    up = slopes[:, 2:] / f_diff[1:]
+    return torch.minimum(down, up).clamp_min(0.0).to(torch.float32)
+
+
 @lru_cache(maxsize=8)
 def _mel_matrix(n_fft: int, sample_rate: int, n_mels: int) -> torch.Tensor:
-    import torchaudio.functional as AF
-
     f_max = min(sample_rate / 2.0, 16000.0)
-    return AF.melscale_fbanks(n_fft // 2 + 1, 30.0, f_max, n_mels, sample_rate, norm=None, mel_scale="htk")
+    return htk_mel_filterbank(n_fft // 2 + 1, 30.0, f_max, n_mels, sample_rate)
 
 
 def onset_strength(waveform: torch.Tensor, sample_rate: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,9 @@ PEAK = (215, 40, 40)
 VALLEY = (30, 150, 60)
 KEY = (40, 90, 220)
 CLIP = (160, 160, 160)
+ONSET = (230, 140, 20)
+OVERLAY = (240, 170, 90)
+DEFAULT_LEGEND = (("peak", PEAK), ("valley", VALLEY), ("keyframe", KEY), ("clip", CLIP))
 
 
 def _font(size: int):
@@ -45,8 +48,15 @@ def _nice_step(span: float, target: int = 10) -> float:
 
 def render_plot(waveform: np.ndarray, sample_rate: int, curve: Sequence[float], fps: float,
                 peaks: Sequence[int] = (), valleys: Sequence[int] = (), keyframes: Sequence[int] = (),
-                clip_frames: Optional[int] = None, title: str = "", width: int = 1024, height: int = 512) -> np.ndarray:
-    """An ``[H, W, 3]`` float image in [0, 1]. ``waveform`` is ``[T]`` or ``[C, T]``."""
+                clip_frames: Optional[int] = None, title: str = "", width: int = 1024, height: int = 512,
+                onset_times: Sequence[float] = (), overlay: Optional[Sequence[float]] = None,
+                legend: Sequence[tuple] = DEFAULT_LEGEND) -> np.ndarray:
+    """An ``[H, W, 3]`` float image in [0, 1]. ``waveform`` is ``[T]`` or ``[C, T]``.
+
+    ``onset_times`` (seconds) are drawn as orange lines through both panels at their exact
+    time; ``overlay`` is a second per-frame curve drawn under ``curve`` on its own scale
+    (the sync score plots audio onsets and the onset envelope over the motion energy);
+    ``legend`` is ``(label, colour)`` pairs."""
     from PIL import Image, ImageDraw
 
     wav = np.asarray(waveform, dtype=np.float32)
@@ -115,6 +125,15 @@ def render_plot(waveform: np.ndarray, sample_rate: int, curve: Sequence[float], 
 
     d.text((4, curve_top - 2), f"{hi:.2g}", fill=AXIS, font=f_small)
     d.text((4, curve_top + curve_h - 14), f"{lo:.2g}", fill=AXIS, font=f_small)
+    for t_on in onset_times:
+        x = x_of_time(t_on)
+        d.line([(x, top), (x, curve_top + curve_h)], fill=ONSET, width=1)
+    if overlay is not None and len(overlay) > 1:
+        ov = np.asarray(overlay, dtype=np.float64)
+        o_lo, o_hi = float(ov.min()), float(ov.max())
+        o_hi = o_hi if o_hi > o_lo else o_lo + 1.0
+        d.line([(x_of_time((k + 0.5) / fps), curve_top + curve_h - 6 - (v - o_lo) / (o_hi - o_lo) * (curve_h - 12))
+                for k, v in enumerate(ov)], fill=OVERLAY, width=1)
     for k in keyframes:
         x = x_of_frame(k) + 0.5 * plot_w / max(duration * fps, 1)
         d.line([(x, top), (x, curve_top + curve_h)], fill=KEY, width=2)
@@ -137,9 +156,10 @@ def render_plot(waveform: np.ndarray, sample_rate: int, curve: Sequence[float], 
 
     # title and legend
     d.text((left, 6), title, fill=CURVE, font=f_title)
-    lx = width - right - 330
-    for label, color in (("peak", PEAK), ("valley", VALLEY), ("keyframe", KEY), ("clip", CLIP)):
+    steps = [max(80, 24 + 7 * len(label)) for label, _ in legend]  # 80 px fits the default labels
+    lx = width - right - sum(steps) - 10
+    for (label, color), step_px in zip(legend, steps):
         d.rectangle([lx, 10, lx + 10, 20], fill=color)
         d.text((lx + 14, 7), label, fill=AXIS, font=f_small)
-        lx += 80
+        lx += step_px
     return np.asarray(img, dtype=np.float32) / 255.0

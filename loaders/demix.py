@@ -19,6 +19,7 @@ import torch
 
 from .. import compat
 from ..core.errors import ModelFormatError
+from .checked_file import load_pickled_checked, open_checked
 from .model_files import ModelFileSpec, register
 
 FOLDER = "avsync_demix"
@@ -97,13 +98,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, family: str = "mrx", ho
     if family not in FAMILIES:
         raise ModelFormatError(f"unknown demix family {family!r}; known: {', '.join(FAMILIES)}")
     src, dst = Path(src), Path(dst)
-    try:
-        raw = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ModelFormatError(f"{src}: cannot read as a weights-only torch checkpoint ({err})") from None
-    if not isinstance(raw, dict):
-        raise ModelFormatError(f"{src}: expected a state dict, got {type(raw).__name__}")
-    sd = {k: v for k, v in _strip_prefixes(raw).items() if isinstance(v, torch.Tensor)}
+    raw = load_pickled_checked(src, what="a released MRX checkpoint (*_mrx_pre_trained_weights.pth)", mmap=False)
+    sd = _strip_prefixes(raw)
     try:
         cfg = config_from_state_dict(sd, n_hop=hop, sample_rate=sample_rate)
     except (KeyError, IndexError) as err:
@@ -127,21 +123,18 @@ def _load_strict(net: torch.nn.Module, sd: dict, path) -> None:
 
 def load_demix_model(path: str | Path) -> DemixModel:
     """Build the network of a converted demix file (safetensors only)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     from ..networks.mrx import MRX, MRXConfig, config_from_state_dict
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ModelFormatError(f"{path}: demix models are loaded from .safetensors only; convert a released "
                                f"checkpoint once with `avsync convert demix {path.name} {path.stem}.safetensors`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        sd = load_file(str(path))
-    except Exception as err:
-        raise ModelFormatError(f"{path}: not a readable safetensors file ({err})") from None
+    checked = open_checked(path, what="a converted MRX demix model (e.g. mrx_default.safetensors)",
+                           required_prefixes=("_encoders.", "_decoders."),
+                           family_hint="convert a released checkpoint with "
+                                       "`avsync convert demix IN.pth OUT.safetensors`")
+    meta = checked.metadata
+    sd = {k: checked[k] for k in checked}
     family = meta.get("avsync_family", "mrx")
     if family not in FAMILIES:
         raise ModelFormatError(f"{path}: demix family {family!r} is not supported (known: {', '.join(FAMILIES)})")

@@ -26,6 +26,7 @@ from ..core.errors import ModelFormatError
 from ..networks.imagebind_audio import (AUDIO_STEM, AUDIO_TRUNK, KeyframeLocalizerNet, LocalizerConfig,
                                         audio_trunk_key, count_audio_blocks, default_heads, infer_stride,
                                         released_audio_trunk_keys)
+from .checked_file import load_pickled_checked, open_checked
 from .model_files import ModelFileSpec, register
 
 FOLDER = "avsync_localizer"
@@ -109,11 +110,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, num_heads: Optional[int
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ModelFormatError(f"{src}: cannot be read as a weights-only PyTorch checkpoint ({err})") from None
-    state = _unwrap(obj)
+    state = _unwrap(load_pickled_checked(src, what="KeyVID's released localizer checkpoint "
+                                                  "(best_model_version1_with_skip.pth)", mmap=False))
     keep = used_keys(state)
     cfg = config_from_state(keep, num_heads)
     # the file must be able to build the network it describes
@@ -133,18 +131,14 @@ def _expected_keys(cfg: LocalizerConfig) -> list[str]:
 
 def load_localizer(path: str | Path, dtype: torch.dtype = torch.float32) -> KeyframeLocalizerNet:
     """Build the network from a converted safetensors file (eval mode, on CPU)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if path.suffix.lower() not in (".safetensors", ".sft"):
         raise ModelFormatError(f"{path.name}: the localizer loads safetensors only; convert the release with "
                                f"`avsync convert localizer IN.pth OUT.safetensors`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:
-        raise ModelFormatError(f"{path.name}: not a readable safetensors file ({err})") from None
+    checked = open_checked(path, what="a converted KeyVID localizer (keyvid_localizer.safetensors)",
+                           required_prefixes=(STEM, TRUNK, "linear1."), family_hint=f"get it from {SOURCE}")
+    meta = checked.metadata
+    state = {k: checked[k] for k in checked}
     if "config" in meta:
         cfg = LocalizerConfig(**json.loads(meta["config"]))
     else:

@@ -41,6 +41,7 @@ import torch
 from .. import compat
 from ..core.errors import ModelFormatError
 from ..core.modules import module_bytes
+from .checked_file import load_pickled_checked, open_checked
 from .model_files import ModelFileSpec, register
 
 # --------------------------------------------------------------------------------------
@@ -311,22 +312,7 @@ def _build_clip(config: dict):
 
 def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
     """Load ``state`` into a meta-built module (exact key match) and check nothing stayed on meta."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ModelFormatError(
-            f"{what}: the weights do not match the network built from the config"
-            + (f"; missing {len(missing)} (e.g. {', '.join(missing[:4])})" if missing else "")
-            + (f"; unexpected {len(unexpected)} (e.g. {', '.join(unexpected[:4])})" if unexpected else "")
-        )
-    bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        k = bad[0]
-        raise ModelFormatError(
-            f"{what}: {len(bad)} tensors have the wrong shape, e.g. {k}: file {tuple(state[k].shape)} "
-            f"vs network {tuple(own[k].shape)}"
-        )
+    check_state_fits(module.state_dict(), state, what)
     module.load_state_dict(state, strict=True, assign=True)
     # Non-persistent buffers are not in the file: recreate the ones these networks have.
     for name, buf in list(module.named_buffers()):
@@ -344,27 +330,53 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) 
     return module.eval().requires_grad_(False)
 
 
+def check_state_fits(own: Mapping[str, Any], state: Mapping[str, Any], what: str,
+                     shown: Callable[[str], str] = lambda k: k) -> None:
+    """Raise :class:`ModelFormatError` naming missing / unexpected / mis-shaped tensors unless
+    ``state`` has exactly the names and shapes of ``own``. Values are tensors (meta ones do) or
+    shape tuples; ``shown`` turns a name into the one the user's file has (e.g. with its prefix)."""
+    def shape(v):
+        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"{what}: the weights do not match the network built from the config"
+            + (f"; missing {len(missing)} (e.g. {', '.join(shown(k) for k in missing[:4])})" if missing else "")
+            + (f"; unexpected {len(unexpected)} (e.g. {', '.join(shown(k) for k in unexpected[:4])})"
+               if unexpected else "")
+        )
+    bad = [k for k in sorted(state) if shape(state[k]) != shape(own[k])]
+    if bad:
+        k = bad[0]
+        raise ModelFormatError(
+            f"{what}: {len(bad)} tensors have the wrong shape, e.g. {shown(k)}: file {shape(state[k])} "
+            f"vs network {shape(own[k])}"
+        )
+
+
 class LazyStateDict(Mapping):
-    """A read-only name -> tensor mapping over safetensors files (memory-mapped, read on access)."""
+    """A read-only name -> tensor mapping over safetensors files (memory-mapped, read on access).
 
-    def __init__(self, files: list[Path], rename: Optional[Callable[[str], Optional[str]]] = None):
-        from safetensors import safe_open
+    Each file is opened through :func:`~avsync.loaders.checked_file.open_checked`, so an empty,
+    truncated or garbage file fails with the same clear error as everywhere else."""
 
-        self._handles = []
+    def __init__(self, files: list[Path], rename: Optional[Callable[[str], Optional[str]]] = None, *,
+                 what: str = "SVD weights (safetensors)", family_hint: Optional[str] = None):
         self._where: dict[str, tuple[Any, str]] = {}
         self.metadata: dict[str, str] = {}
         for f in files:
-            h = safe_open(str(f), framework="pt", device="cpu")
-            self._handles.append(h)
-            self.metadata.update(h.metadata() or {})
-            for k in h.keys():
+            h = open_checked(f, what=what, family_hint=family_hint)
+            self.metadata.update(h.metadata)
+            for k in h:
                 new = rename(k) if rename else k
                 if new is not None:
                     self._where[new] = (h, k)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         h, k = self._where[key]
-        return h.get_tensor(k)
+        return h[k]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -510,11 +522,14 @@ def _vae_attention_suffix(rest: str) -> str:
     return f"{_VAE_ATTN_TO_LDM[layer]}.{param}"
 
 
-def svd_vae_key_map(diffusers_keys) -> dict[str, str]:
+def svd_vae_key_map(diffusers_keys, keep_quant_convs: bool = False) -> dict[str, str]:
     """diffusers ``AutoencoderKLTemporalDecoder`` key -> ldm ``AutoencodingEngine`` key (no prefix).
 
     ``quant_conv`` has no counterpart (generative-models' ``AutoencodingEngine`` has none; the
-    diffusers model's is the identity) and is left out of the map.
+    diffusers model's is the identity) and is left out of the map. ``keep_quant_convs`` maps
+    ``quant_conv`` / ``post_quant_conv`` to themselves: the SD-style ``AutoencoderKL`` (diffusers
+    ``AutoencoderKL`` <-> ldm/lvdm ``AutoencoderKL``, used by KeyVID) has both, and otherwise the
+    same names as the temporal VAE's spatial layers.
     """
     keys = list(diffusers_keys)
     n_up = 1 + max((int(m.group(1)) for k in keys if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))), default=-1)
@@ -527,6 +542,9 @@ def svd_vae_key_map(diffusers_keys) -> dict[str, str]:
     out = {}
     for k in keys:
         layer, _, param = k.rpartition(".")
+        if layer in ("quant_conv", "post_quant_conv") and keep_quant_convs:
+            out[k] = k
+            continue
         if layer == "quant_conv":
             continue
         if layer in top:
@@ -583,6 +601,37 @@ _CLIP_TOP_TO_OPENCLIP = {
 }
 
 
+def openclip_resblocks_to_transformers(tensors: Mapping[str, torch.Tensor], layers_prefix: str,
+                                       cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                                       what: str = "OpenCLIP") -> dict:
+    """OpenCLIP ``transformer.resblocks.N.*`` tensors -> transformers ``CLIPEncoderLayer`` names
+    under ``layers_prefix`` (e.g. ``vision_model.encoder.layers.``); other keys are ignored.
+
+    ``attn.in_proj_*`` splits into q/k/v. Shared by the image tower (SVD, KeyVID) and the text
+    tower (KeyVID); the facts are those of ComfyUI's ``clip_vision.convert_to_transformers``.
+    """
+    inverse_layer = {v: k for k, v in _CLIP_LAYER_TO_OPENCLIP.items()}
+    out = {}
+    for k in tensors:
+        if not k.startswith("transformer."):
+            continue
+        m = re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", k)
+        if m:
+            i, param = m.groups()
+            q, k_, v = cast(tensors[k]).chunk(3, dim=0)
+            base = f"{layers_prefix}{i}.self_attn."
+            out[f"{base}q_proj.{param}"] = q.contiguous()
+            out[f"{base}k_proj.{param}"] = k_.contiguous()
+            out[f"{base}v_proj.{param}"] = v.contiguous()
+            continue
+        m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", k)
+        if not m or m.group(2) not in inverse_layer:
+            raise ModelFormatError(f"unexpected {what} tensor '{k}'")
+        i, layer, param = m.groups()
+        out[f"{layers_prefix}{i}.{inverse_layer[layer]}.{param}"] = cast(tensors[k])
+    return out
+
+
 def openclip_visual_to_transformers(visual: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> dict:
     """OpenCLIP ``visual.*`` tensors (prefix removed) -> ``CLIPVisionModelWithProjection`` state dict.
 
@@ -592,33 +641,15 @@ def openclip_visual_to_transformers(visual: Mapping[str, torch.Tensor], dtype: O
     cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
     out = {}
     inverse_top = {v: k for k, v in _CLIP_TOP_TO_OPENCLIP.items()}
-    inverse_layer = {v: k for k, v in _CLIP_LAYER_TO_OPENCLIP.items()}
     for k in visual:
         if k in inverse_top:
             out[inverse_top[k]] = cast(visual[k])
         elif k == "proj":
             out["visual_projection.weight"] = cast(visual[k]).t().contiguous()
-        elif re.match(r"transformer\.resblocks\.\d+\.attn\.in_proj_(weight|bias)$", k):
-            continue  # split into q/k/v below
-        else:
-            m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", k)
-            if not m:
-                raise ModelFormatError(f"unexpected OpenCLIP image-encoder tensor '{k}'")
-            i, layer, param = m.groups()
-            base = f"vision_model.encoder.layers.{i}."
-            if layer in inverse_layer:
-                out[f"{base}{inverse_layer[layer]}.{param}"] = cast(visual[k])
-            else:
-                raise ModelFormatError(f"unexpected OpenCLIP image-encoder tensor '{k}'")
-    for k in visual:
-        m = re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", k)
-        if m:
-            i, param = m.groups()
-            q, k_, v = cast(visual[k]).chunk(3, dim=0)
-            base = f"vision_model.encoder.layers.{i}.self_attn."
-            out[f"{base}q_proj.{param}"] = q.contiguous()
-            out[f"{base}k_proj.{param}"] = k_.contiguous()
-            out[f"{base}v_proj.{param}"] = v.contiguous()
+        elif not k.startswith("transformer."):
+            raise ModelFormatError(f"unexpected OpenCLIP image-encoder tensor '{k}'")
+    out.update(openclip_resblocks_to_transformers(visual, "vision_model.encoder.layers.", cast,
+                                                  "OpenCLIP image-encoder"))
     return out
 
 
@@ -835,13 +866,10 @@ def load_svd_single_file(path, dtype=torch.float16, *, unet_head_dim: Optional[i
     dtype = parse_dtype(dtype)
     if path.suffix.lower() not in (".safetensors", ".sft"):
         raise ModelFormatError(f"{path.name}: AVSync loads SVD single files only as .safetensors")
-    state = LazyStateDict([path])
+    state = open_checked(path, what="an SVD / SVD-XT single-file checkpoint (svd_xt.safetensors: UNet, VAE and "
+                                    "image encoder)", required_prefixes=(UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX),
+                         family_hint=f"get it from {SVD_XT_FILE.source}")
     meta = state.metadata
-    missing = [p for p in (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX) if not any(k.startswith(p) for k in state)]
-    if missing:
-        raise ModelFormatError(
-            f"{path.name}: not an SVD checkpoint (img2vid / img2vid-xt): no tensors under {', '.join(missing)}"
-        )
     unet_hd = unet_head_dim or int(meta.get(META_UNET_HEAD_DIM, SVD_UNET_HEAD_DIM))
     clip_hd = clip_head_dim or int(meta.get(META_CLIP_HEAD_DIM, OPENCLIP_VIT_H_HEAD_DIM))
     unet = build_unet_from_ldm(_prefixed(state, UNET_PREFIX), dtype, unet_hd)
@@ -873,7 +901,7 @@ def _read_component(folder: Path, stem: str, what: str) -> tuple[dict, LazyState
         raise ModelFormatError(
             f"{folder}: {what} needs config.json and {stem}.safetensors (or its .fp16 variant){hint}"
         )
-    return json.loads(cfg_path.read_text()), LazyStateDict(files)
+    return json.loads(cfg_path.read_text()), LazyStateDict(files, what=f"the {what} weights of an SVD diffusers folder")
 
 
 def load_svd_diffusers(folder, dtype=torch.float16) -> SVDModel:
@@ -1033,7 +1061,8 @@ def load_backward_delta(path, dtype=None) -> BackwardMotionDelta:
     if path.suffix.lower() not in (".safetensors", ".sft"):
         raise ModelFormatError(f"{path.name}: backward-motion weights must be a .safetensors ΔW file "
                                f"(make one with `avsync convert svd-backward`)")
-    state = LazyStateDict([path])
+    state = open_checked(path, what="a backward-motion ΔW file (svd_backward_motion_delta_fp16.safetensors)",
+                         family_hint="make it with `avsync convert svd-backward`")
     names = list(state)
     bad = [n for n in names if not is_backward_param(n)]
     if not names or bad:
@@ -1073,9 +1102,9 @@ def read_unet_state_dict(path) -> Mapping[str, torch.Tensor]:
                 return _load_pickled(folder / name)
         raise ModelFormatError(f"{path}: no diffusion_pytorch_model(.fp16).safetensors or .bin in {folder}")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise ModelFormatError(f"{path}: no such file or folder; expected {_UNET_WHAT}")
     if path.suffix.lower() in (".safetensors", ".sft"):
-        state: Mapping[str, torch.Tensor] = LazyStateDict([path])
+        state: Mapping[str, torch.Tensor] = open_checked(path, what=_UNET_WHAT)
     else:
         state = _load_pickled(path)
     if any(k.startswith(UNET_PREFIX) for k in state):
@@ -1101,14 +1130,11 @@ class _Renamed(Mapping):
         return len(self._map)
 
 
+_UNET_WHAT = "an SVD UNet (diffusers weights, an ldm single file, or a pickled .bin/.ckpt)"
+
+
 def _load_pickled(path: Path) -> dict:
-    obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    for key in ("state_dict", "module", "model"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise ModelFormatError(f"{path.name}: not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return load_pickled_checked(path, what=_UNET_WHAT)
 
 
 # --------------------------------------------------------------------------------------

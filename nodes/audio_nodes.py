@@ -144,6 +144,9 @@ class AVSyncAudioLoader:
             except AudioFileError as err:
                 return f"audio_file: {err}"
             if not path.is_file():
+                if compat.input_directory() is None:  # outside ComfyUI (command line, scripts): a plain path
+                    problem = "is a directory, not a file" if path.is_dir() else "no such file"
+                    return f"audio_file: {audio_file}: {problem}"
                 return f"audio_file: '{audio_file}' not found in ComfyUI's input folder"
         return True
 

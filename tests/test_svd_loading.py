@@ -58,11 +58,31 @@ def test_single_file_loads_into_the_same_model_as_the_diffusers_folder(tiny_file
     assert a.config["num_attention_heads"] == b.config["num_attention_heads"] == [2, 2, 2, 2]
     assert a.image_processor_config == b.image_processor_config == svd.CLIP_IMAGE_PROCESSOR
     oa, ob = _outputs(a), _outputs(b)
+    ra, rb = _outputs(_float64_copy(a)), _outputs(_float64_copy(b))
     other = _outputs(F.tiny_svd_model(seed=1))
     for k in oa:
-        assert torch.equal(oa[k], ob[k]), k
+        # Same weights, but two module instances: in float32 the CPU kernels may differ between
+        # them (AMD EPYC: UNet outputs differ by 3.8e-6, Intel: 0). The float64 reruns agree to
+        # rounding (measured 0.0); the float32 floor max|out32 - ref64| is 4e-7 .. 5.5e-6 (values
+        # up to 2.3) over AMD EPYC / ATEN_CPU_CAPABILITY=default, 1 / 2 threads; a model with other
+        # weights differs by > 2. 5e-5 is ~9x the floor.
+        assert (ra[k] - rb[k]).abs().max().item() <= 1e-10, k
+        assert (oa[k] - ra[k]).abs().max().item() < 5e-5, k
+        assert (oa[k] - ob[k]).abs().max().item() < 5e-5, k
         assert torch.isfinite(oa[k]).all()
-        assert not torch.allclose(oa[k], other[k]), f"{k}: outputs do not depend on the weights"
+        assert (oa[k] - other[k]).abs().max().item() > 1.0, f"{k}: outputs do not depend on the weights"
+
+
+def _float64_copy(model: svd.SVDModel):
+    """The model's three networks copied to float64 (the reference the float32 floor is measured on)."""
+    import copy
+    from types import SimpleNamespace
+
+    def part(m):
+        return SimpleNamespace(module=copy.deepcopy(m.module).double())
+
+    return SimpleNamespace(unet=part(model.unet), vae=part(model.vae), image_encoder=part(model.image_encoder),
+                           dtype=torch.float64)
 
 
 def test_ldm_layout_is_comfyuis(tiny_files):
@@ -146,7 +166,7 @@ def test_not_an_svd_checkpoint(tmp_path):
 
     p = tmp_path / "sd15.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, str(p))
-    with pytest.raises(ModelFormatError, match=r"not an SVD checkpoint.*first_stage_model"):
+    with pytest.raises(ModelFormatError, match=r"no tensors under first_stage_model.*looks like a Stable Diffusion.*expected an SVD"):
         svd.load_svd_single_file(p)
     with pytest.raises(ModelFormatError, match="not a diffusers model folder"):
         svd.load_svd_diffusers(tmp_path / "nope")
@@ -398,11 +418,35 @@ def test_parity_with_comfyuis_svd_modules(tmp_path, tiny_files):
         dec = vae.decode(ref["latents"], num_frames=T).sample
         enc = vae.encode(ref["images"]).latent_dist.mode()
     assert ref["unet_out"].dtype == torch.float64 and ref["unet_out"].abs().max() > 0.5
-    torch.testing.assert_close(out, ref["unet_out"], rtol=0, atol=1e-9)
+    # The weights come from torch.randn, whose float32 CPU kernel is vectorised (AVX2/AVX-512, where
+    # the fixture was made) or scalar (ATEN_CPU_CAPABILITY=default, ARM): the two differ by an ulp in
+    # some values. With the fixture's exact weights the modules agree to float64 rounding (measured
+    # 1.4e-13); with the scalar kernel's weights the outputs move by up to 3.1e-6 (UNet),
+    # 2.0e-6 (VAE decode), 1.4e-6 (encode), measured, so that case gets 3e-5, 3x below the GroupNorm-eps
+    # effect checked next.
+    exact = _weights_digest(state) == SEEDED_WEIGHTS_SHA256
+    atol = 1e-9 if exact else 3e-5
+    torch.testing.assert_close(out, ref["unet_out"], rtol=0, atol=atol)
     eps_effect = (out_diffusers_eps - ref["unet_out"]).abs().max()
-    assert 1e-6 < eps_effect < 1e-3
-    torch.testing.assert_close(dec, ref["vae_decode"], rtol=0, atol=1e-9)
-    torch.testing.assert_close(enc, ref["vae_encode_mode"], rtol=0, atol=1e-9)
+    assert 1e-4 < eps_effect < 1e-3, eps_effect
+    torch.testing.assert_close(dec, ref["vae_decode"], rtol=0, atol=atol)
+    torch.testing.assert_close(enc, ref["vae_encode_mode"], rtol=0, atol=atol)
+
+
+# sha256 over the UNet and VAE weights the parity fixture was made with (keys sorted, float32 bytes);
+# see test_parity_with_comfyuis_svd_modules.
+SEEDED_WEIGHTS_SHA256 = "144a7ba970bbb2fc7c7497c68ab632acc9dddd2993cfe91de6e1c1dc23972a65"
+
+
+def _weights_digest(state: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        if k.startswith((svd.UNET_PREFIX, svd.VAE_PREFIX)):
+            h.update(k.encode())
+            h.update(state[k].to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def test_auto_precision_by_device():
