@@ -35,6 +35,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import row  # noqa: E402
+
 from avsync.networks import keyvid_unet as K  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -180,6 +183,9 @@ def main(argv=None):
                 full = torch.load(weights.with_name(f"best_{impl}_fp32.pt"), weights_only=True)
                 line += f"; vs its fp32 rel L2 {float((out - full).norm() / full.norm()):.1e}"
             print(line)
+            row(f"UNet forward {impl} {dt}, per frame", r["seconds"] / args.frames * 1000, "ms",
+                peak_mb=r["peak_gb"] * 1000, note=f"T {args.frames}, 40x64 latents, model_channels "
+                f"{params['model_channels']}")
         if args.reference and ("ref", "fp32") in results and "seconds" in results[("ref", "fp32")]:
             ours = torch.load(weights.with_name("best_ours_fp32.pt"), weights_only=True)
             ref = torch.load(weights.with_name("best_ref_fp32.pt"), weights_only=True)
@@ -187,6 +193,8 @@ def main(argv=None):
             m_ours, m_ref = results[("ours", "fp32")]["peak_gb"], results[("ref", "fp32")]["peak_gb"]
             print(f"  fp32 ours / reference: time {t_ours / t_ref:.2f}x, peak memory {m_ours / m_ref:.2f}x; "
                   f"output relative L2 {float((ours - ref).norm() / ref.norm()):.1e}")
+            row("UNet forward fp32, ours vs released", t_ours / args.frames * 1000, "ms per frame",
+                ratio=t_ours / t_ref, vs="KeyVID openaimodel3d_v4 (einsum path)", peak_mb=m_ours * 1000)
 
 
 if __name__ == "__main__":
