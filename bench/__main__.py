@@ -34,6 +34,7 @@ PLANS = {
     "bench_inbetween": (["--repeats", "1"], [], ["--device", "cuda", "--real-config"]),
     "bench_svd_loading": ([], [], ["--size", "real"]),
     "bench_sync_score": (["--quick"], [], None),
+    "bench_keyvid_unet": (["--frames", "2", "--repeats", "1"], [], ["--real", "--device", "cuda"]),
 }
 
 
