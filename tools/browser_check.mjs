@@ -204,6 +204,12 @@ async function checkRenderer(renderer) {
     await dismissDialogs();
   }
 
+  // the upload button's hidden file inputs go with their nodes (no leak across workflow loads)
+  res.upload_inputs = await page.evaluate(() => [document.querySelectorAll("input[data-avsync-upload]").length,
+    app.graph._nodes.filter((n) => n.comfyClass === "AVSyncAudioLoader").length]);
+  if (res.upload_inputs[0] !== res.upload_inputs[1])
+    fail(renderer, `${res.upload_inputs[0]} upload inputs in the page for ${res.upload_inputs[1]} audio loaders`);
+
   // 3. the sync report text appears on AVSyncSyncScore after a run queued from the UI
   await page.evaluate(() => {
     app.graph.clear();
