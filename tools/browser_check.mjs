@@ -71,9 +71,11 @@ async function checkRenderer(renderer) {
   page.on("pageerror", (e) => errors.push(String(e.stack ?? e).split("\n").slice(0, 3).join(" | ")));
   const warnings = [];
   page.on("console", (m) => {
+    // "@ source file": a message logged from AVSync's own extension files names them, so counts as ours
+    const line = `${m.text().split("\n")[0]} @ ${m.location()?.url ?? ""}`;
     // a failed load's console line has no URL: the response/requestfailed handlers record it
-    if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) errors.push(m.text().split("\n")[0]);
-    if (m.type() === "warning" && /deprecat|internal module|avsync/i.test(m.text())) warnings.push(m.text().split("\n")[0]);
+    if (m.type() === "error" && !m.text().startsWith("Failed to load resource")) errors.push(line);
+    if (m.type() === "warning" && /deprecat|internal module|avsync/i.test(line)) warnings.push(line);
   });
   page.on("response", (r) => { if (r.status() >= 400) errors.push(`${r.status()} ${r.url()}`); });
   page.on("requestfailed", (r) => errors.push(`${r.failure()?.errorText} ${r.url()}`));
