@@ -2,23 +2,36 @@
 //
 // The node returns {"ui": {"text": [report]}, "result": ...}. ComfyUI's frontend shows
 // ui.images and ui.audio on any node but has no display of its own for ui.text, so this
-// adds one read-only multiline text widget and fills it when the node has run. The widget
-// is not serialized: saved workflows keep only the node's real widget values.
+// adds one read-only text area (a DOM widget, `node.addDOMWidget`: the extension API that
+// both the LiteGraph canvas and the Vue "Nodes 2.0" renderer draw) and fills it when the
+// node has run. It does not import `scripts/widgets.js` (newer frontends warn that it is
+// internal and may break) nor read `widget.inputEl` (deprecated for `widget.element`).
+// The widget is not serialized: saved workflows keep only the node's real widget values.
 import { app } from "../../scripts/app.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const NODE_CLASS = "AVSyncSyncScore";
 const REPORT_WIDGET = "sync_report";
+const REPORT_MIN_HEIGHT = 110; // px: the report's 5-7 lines scroll inside this
 
 function reportWidget(node) {
   let widget = node.widgets?.find((w) => w.name === REPORT_WIDGET);
   if (!widget) {
-    widget = ComfyWidgets.STRING(node, REPORT_WIDGET, ["STRING", { multiline: true }], app).widget;
+    const area = document.createElement("textarea");
+    area.readOnly = true;
+    area.spellcheck = false;
+    area.className = "comfy-multiline-input"; // the frontend's own style for text areas on nodes
+    area.style.opacity = 0.8;
+    area.placeholder = "sync report (after a run)";
+    widget = node.addDOMWidget(REPORT_WIDGET, "avsync_text", area, {
+      getValue: () => area.value,
+      setValue: (v) => { area.value = v; },
+      getMinHeight: () => REPORT_MIN_HEIGHT,
+      serialize: false,
+    });
     widget.serialize = false; // LiteGraph reads this property when saving widgets_values
-    if (widget.inputEl) {
-      widget.inputEl.readOnly = true;
-      widget.inputEl.style.opacity = 0.8;
-    }
+    // grow the node so the whole report is readable without resizing by hand
+    const [w, h] = node.computeSize();
+    node.setSize([Math.max(node.size[0], w), Math.max(node.size[1], h)]);
   }
   return widget;
 }
