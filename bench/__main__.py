@@ -34,6 +34,11 @@ PLANS = {
     "bench_inbetween": (["--repeats", "1"], [], ["--device", "cuda", "--real-config"]),
     "bench_svd_loading": ([], [], ["--size", "real"]),
     "bench_sync_score": (["--quick"], [], None),
+    # the UNet forward has its own entry below, so the models bench skips its nested run; the
+    # released size (~15.6 GB checkpoint, ~35 GB disk) is a RAM/disk job, not a GPU one: --real by hand
+    "bench_keyvid_models": (["--sizes", "S", "--skip-unet-forward"], ["--skip-unet-forward"], None),
+    "bench_keyvid_unet": (["--frames", "4"], ["--repeats", "3"], ["--real", "--device", "cuda", "--repeats", "3"]),
+    "bench_sampling_core": (["--repeats", "2"], [], ["--device", "cuda"]),
 }
 
 
