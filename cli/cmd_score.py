@@ -128,10 +128,10 @@ def run(args) -> int:
     inputs = node_inputs_from_args(args, NODE_ID)
     keyframes = read_keyframes(args.keyframes) if args.keyframes else None
     frames, fps = decode_video_frames(video, args.max_seconds)
-    # A video's own track is read over the video's span: its container may declare the
-    # (longer) video duration, which the audio decoder would take for a truncated track.
-    span = 0.0 if args.audio else len(frames) / float(fps)
-    audio, _ = load_audio_file(audio_path, fps=float(fps), duration=span)
+    # the whole track, own or separate: the decoder checks it against the audio stream's own
+    # duration (not the container's, which a longer video sets), and the report names a
+    # length mismatch between audio and video in its reasons
+    audio, _ = load_audio_file(audio_path, fps=float(fps))
     images = torch.from_numpy(frames).to(torch.float32).div_(255.0)
     del frames
     report, *_, plot = run_node(NODE_ID, images=images, audio=audio, fps=float(fps), keyframes=keyframes, **inputs)

@@ -155,3 +155,16 @@ def test_real_clip_offset_follows_the_applied_shift():
     for shift in (0.1, 0.2, 0.3):
         r, _ = offset(shift)
         assert abs((r.offset_ms - as_is.offset_ms) - (-shift * 1000)) <= 1000 / float(fps), (shift, r.offset_ms)
+
+
+def test_score_mkv_whose_audio_is_shorter_than_its_video(tmp_path, capsys):
+    """Matroska: the container's duration is the (longer) video's; the own track is still read whole
+    and not taken for truncated (core/audio_io.py:stream_duration), the mismatch is a reason."""
+    from tests.factories import audio_files
+
+    audio_files.write_video_with_audio(tmp_path / "v.mkv", A.clicks([0.25, 0.75], 1.0, 16000, seed=1)[None], 16000,
+                                       "mkv", fps=12, video_seconds=2.0)
+    assert main(["score", "--video", str(tmp_path / "v.mkv"), "--flow-max-side", "32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_frames"] == 24 and report["audio_seconds"] == pytest.approx(1.0)
+    assert any("differ in length" in r for r in report["reasons"]), report["reasons"]
