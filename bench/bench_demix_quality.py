@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import demix_eval as E  # noqa: E402
+from bench._report import row  # noqa: E402
 
 COLUMNS = ("speech", "effects", "music")
 
@@ -68,12 +69,19 @@ def report(rows: list, title: str) -> None:
             cells.append(f"{mix:6.1f} -> {est:5.1f} ({est - mix:+5.1f})")
         mean_imp = np.mean([np.mean([r[f"{c}_imp"] for c in COLUMNS]) for r in rs])
         print(f"  {g:18} " + " ".join(f"{x:>22}" for x in cells) + f" {mean_imp:+12.2f}")
+        if g == "all":
+            for c in COLUMNS:
+                row(f"{title}: {c} SI-SDRi", np.mean([r[f"{c}_imp"] for r in rs]), "dB", vs="unprocessed mix")
+            row(f"{title}: mean SI-SDRi", mean_imp, "dB", vs="unprocessed mix")
     print(f"  onsets vs true events (precision@3 / AP@3):")
     for g in sorted(k for k in groups if k != "all") + ["all"]:
         rs = groups[g]
         vals = {k: np.mean([r[k] for r in rs]) for k in rs[0] if k.startswith(("p3_", "ap3_"))}
         print(f"  {g:18} mix {vals['p3_mix']:.2f} / {vals['ap3_mix']:.2f}   effects stem {vals['p3_fx']:.2f} / "
               f"{vals['ap3_fx']:.2f}   true effects (oracle) {vals['p3_oracle']:.2f} / {vals['ap3_oracle']:.2f}")
+        if g == "all":
+            row(f"{title}: onset precision@3 from the effects stem", vals["p3_fx"], "precision",
+                ratio=vals["p3_fx"] / max(vals["p3_mix"], 1e-9), vs="from the mix")
     cases = defaultdict(list)
     for r in rows:
         cases[r["case"]].append(r)

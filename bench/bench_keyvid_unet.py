@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import row  # noqa: E402
+from _report import row  # noqa: E402  (bench/ is the script's folder)
 
 from avsync.networks import keyvid_unet as K  # noqa: E402
 
@@ -183,9 +183,19 @@ def main(argv=None):
                 full = torch.load(weights.with_name(f"best_{impl}_fp32.pt"), weights_only=True)
                 line += f"; vs its fp32 rel L2 {float((out - full).norm() / full.norm()):.1e}"
             print(line)
-            row(f"UNet forward {impl} {dt}, per frame", r["seconds"] / args.frames * 1000, "ms",
-                peak_mb=r["peak_gb"] * 1000, note=f"T {args.frames}, 40x64 latents, model_channels "
-                f"{params['model_channels']}")
+        # one row per run, ratio against the path it replaces measured in the same run: ours against the
+        # released module in the same dtype (with --reference), our bf16 otherwise against our fp32
+        for (impl, dt), r in results.items():
+            if "seconds" not in r:
+                continue
+            base_key = ("ref", dt) if impl == "ours" and "seconds" in results.get(("ref", dt), {}) else (
+                ("ours", "fp32") if (impl, dt) == ("ours", "bf16") else None)
+            base = results.get(base_key) if base_key else None
+            ok = base is not None and "seconds" in base
+            name = {"ref": "released module", "ours": "ours"}[base_key[0]] + " " + base_key[1] if ok else ""
+            row(f"KeyVID UNet forward, {impl} {dt} ({size}, T {args.frames}, 40x64 latents, {args.device})",
+                r["seconds"] / args.frames * 1000, "ms/frame", ratio=r["seconds"] / base["seconds"] if ok else None,
+                vs=name, peak_mb=r["peak_gb"] * 1000)
         if args.reference and ("ref", "fp32") in results and "seconds" in results[("ref", "fp32")]:
             ours = torch.load(weights.with_name("best_ours_fp32.pt"), weights_only=True)
             ref = torch.load(weights.with_name("best_ref_fp32.pt"), weights_only=True)

@@ -24,8 +24,12 @@ import argparse
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import row  # noqa: E402  (bench/ is the script's folder)
 
 
 def _sync(device):
@@ -204,6 +208,12 @@ def report_branches(args):
     print(f"   one call / four calls: {tm['four, one call'] / tm['four, four calls']:.2f}x   "
           f"(max |difference| of the branch predictions {r['max_diff']:.1e})")
     print(f"   ASG five in one call / four in one call: {tm['five (ASG), one call'] / tm['four, one call']:.2f}x")
+    size = f"{args.frames}x{args.width}x{args.height}, {args.device}"
+    row(f"4-condition CFG step, one batched call ({size})", tm["four, one call"] * 1000, "ms",
+        ratio=tm["four, one call"] / tm["four, four calls"], vs="four sequential calls",
+        note=f"max |diff| {r['max_diff']:.1e}")
+    row(f"ASG 5-branch step, one batched call ({size})", tm["five (ASG), one call"] * 1000, "ms",
+        ratio=tm["five (ASG), one call"] / tm["four, one call"], vs="4-condition CFG in one call")
 
 
 def report_inbetween(args):
@@ -217,6 +227,11 @@ def report_inbetween(args):
     print(f"   the loop itself (free evaluator, 50 steps + 5 re-noise repeats over 25 steps): core "
           f"{lt['core'] * 1e6:.0f} us, before {lt['before'] * 1e6:.0f} us per evaluation "
           f"(max |difference| {r['loop_diff']:.1e})")
+    size = f"{args.ib_frames}x{args.ib_width}x{args.ib_height}, {r['evaluations']} evaluations, {args.device}"
+    row(f"inbetween sampling on the core ({size})", tm["core"], "s", ratio=tm["core"] / tm["before"],
+        vs="pre-core loop", note=f"max |diff| {r['max_diff']:.1e}")
+    row("sampling loop overhead per evaluation (free evaluator)", lt["core"] * 1e6, "us",
+        ratio=lt["core"] / lt["before"], vs="pre-core loop", note=f"max |diff| {r['loop_diff']:.1e}")
 
 
 if __name__ == "__main__":

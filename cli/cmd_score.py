@@ -4,46 +4,54 @@ audio, through the same node a ComfyUI workflow runs (``AVSyncSyncScore``).
 Frames are decoded with PyAV; the audio (the video's own track, or ``--audio``) goes
 through ``AVSyncAudioLoader`` like every other command. The report is printed as JSON
 (``--out`` also writes it); ``--shift-search`` adds the offset curve (correlation per
-lag, positive lag = video late) to the JSON and prints it as a table on stderr. The
-scoring knobs are the node's widgets, read from its schema (defaults, choices, help).
+lag, positive lag = video late) to the JSON and prints it as a table on stderr. Every
+widget input of the node is a flag generated from its schema (cli/schema_args.py:
+range, default and tooltip as help); the frame rate comes from the video file.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
+import math
 import sys
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
 NODE_ID = "AVSyncSyncScore"
-KNOBS = ("keyframe_reference", "keyframe_tolerance", "match_tolerance_ms", "max_offset_ms", "flow_max_side")
-PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+NODE_SKIP = {"fps": "taken from the video file's frame rate"}
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
 
 
 def register(sub) -> None:
-    from .common import node_class
+    from .common import add_common_options
+    from .schema_args import add_node_arguments, set_input_flags
 
-    p = sub.add_parser("score", help="score audio-video sync of a video (AV-Align, AV offset, keyframe hits)")
+    p = sub.add_parser("score", help="score audio-video sync of a video (AV-Align, AV offset, keyframe hits)",
+                       description="Score how well a video's motion follows its audio: the AVSyncSyncScore node, "
+                                   "run from the command line; prints the report as JSON.")
     p.add_argument("--video", required=True, metavar="VIDEO", help="video file (mp4, webm, ogv, mkv, mov, ...)")
     p.add_argument("--audio", metavar="AUDIO", help="audio file to score against (default: the video's own track)")
     p.add_argument("--keyframes", metavar="KF.json", help="keyframes JSON written by `avsync localize --out`")
     p.add_argument("--shift-search", action="store_true",
-                   help="include the offset curve (correlation per lag; + = video late) and print it")
+                   help="include the offset curve (correlation per lag; + = video late) and print it on stderr")
     p.add_argument("--out", metavar="report.json", help="also write the report (JSON) to this file")
-    p.add_argument("--plot", metavar="plot.png", help="save the plot image (png, jpg, webp)")
-    p.add_argument("--max-seconds", type=float, default=60.0,
-                   help="refuse videos longer than this (frames are held in memory; default 60)")
-    spec = node_class(NODE_ID).INPUT_TYPES()["required"]
-    for name in KNOBS:  # the node's schema is the one place these are defined
-        kind, opts = spec[name]
-        kw = {"default": opts["default"], "help": opts["tooltip"]}
-        if isinstance(kind, list):
-            kw["choices"] = kind
-        else:
-            kw["type"] = int if kind == "INT" else float
-        p.add_argument("--" + name.replace("_", "-"), **kw)
+    p.add_argument("--plot", metavar="IMAGE", help="save the plot as an image (.png, .jpg, ... any format Pillow writes)")
+    p.add_argument("--max-seconds", type=_positive_seconds, default=60.0, metavar="S",
+                   help="refuse videos longer than this (frames are held in memory) [> 0; default: 60]")
+    add_common_options(p)
+    add_node_arguments(p, NODE_ID, skip=NODE_SKIP, title="scoring (AVSyncSyncScore)")
+    # the node's sockets and the skipped fps, in command-line terms for messages
+    set_input_flags(p, {"images": "--video", "fps": "--video", "audio": "--audio", "keyframes": "--keyframes"})
     p.set_defaults(func=run)
 
 
@@ -101,65 +109,31 @@ def read_keyframes(path: str):
         raise InputError("--keyframes", f"{path}: not a keyframes JSON from `avsync localize` ({err!r})") from None
 
 
-def _check_writable(path: Path, option: str) -> None:
-    """Before any work: the file's nearest existing folder must be a writable folder."""
-    from ..core.errors import InputError
-
-    if path.is_dir():
-        raise InputError(option, f"cannot write {path}: it is a folder")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise InputError(option, f"cannot write {path}: {parent} is not a writable folder")
-
-
-def _write_atomically(path: Path, write, option: str) -> None:
-    """Write through a temporary file in the same folder, so a failure leaves no half file."""
-    from ..core.errors import InputError
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    except OSError as err:
-        raise InputError(option, f"cannot write {path} ({err.strerror or err})") from None
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the user expects an ordinary file
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args) -> int:
     import torch
 
-    from ..core.errors import InputError
-    from .common import load_audio_file, run_node
+    from .common import (OutputError, check_input_file, check_output_file, image_suffixes, load_audio_file, run_node,
+                         staged_outputs, write_json_to)
+    from .schema_args import node_inputs_from_args
 
-    if args.plot and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
-        raise InputError("--plot", f"must end in {', '.join(PLOT_SUFFIXES)}, got {args.plot}")
-    if not args.max_seconds > 0:
-        raise InputError("--max-seconds", f"must be > 0, got {args.max_seconds}")
-    for option, target in (("--out", args.out), ("--plot", args.plot)):
-        if target:
-            _check_writable(Path(target), option)
+    force = bool(getattr(args, "force", False))
+    video = check_input_file(args.video, "--video")
+    audio_path = check_input_file(args.audio, "--audio") if args.audio else video
+    if args.keyframes:
+        check_input_file(args.keyframes, "--keyframes")
+    out = check_output_file(args.out, "--out", force) if args.out else None
+    plot_path = check_output_file(args.plot, "--plot", force, image_suffixes(), "image") if args.plot else None
+    if out is not None and plot_path is not None and plot_path.resolve() == out.resolve():
+        raise OutputError("--plot", plot_path, "is the same file as --out")
+    inputs = node_inputs_from_args(args, NODE_ID)
     keyframes = read_keyframes(args.keyframes) if args.keyframes else None
-    audio_path = Path(args.audio or args.video)
-    if args.audio and not audio_path.is_file():
-        raise InputError("--audio", f"{audio_path}: file not found")
-    frames, fps = decode_video_frames(Path(args.video), args.max_seconds)
-    # A video's own track is read over the video's span: its container may declare the
-    # (longer) video duration, which the audio decoder would take for a truncated track.
-    span = 0.0 if args.audio else len(frames) / float(fps)
-    audio, _ = load_audio_file(audio_path, fps=float(fps), duration=span)
+    frames, fps = decode_video_frames(video, args.max_seconds)
+    # the whole track, own or separate: the decoder checks it against the audio stream's own
+    # duration (not the container's, which a longer video sets), and the report names a
+    # length mismatch between audio and video in its reasons
+    audio, _ = load_audio_file(audio_path, fps=float(fps))
     images = torch.from_numpy(frames).to(torch.float32).div_(255.0)
     del frames
-    inputs = {name.replace("-", "_"): getattr(args, name) for name in KNOBS}
     report, *_, plot = run_node(NODE_ID, images=images, audio=audio, fps=float(fps), keyframes=keyframes, **inputs)
     data = report.to_dict(curves=False)
     data["video"] = str(args.video)
@@ -170,13 +144,12 @@ def run(args) -> int:
         best = max(range(len(report.offset_correlation)), key=report.offset_correlation.__getitem__, default=-1)
         for i, (lag, c) in enumerate(data["offset_curve"]):
             sys.stderr.write(f"{lag:7.1f}  {c:+.4f}{'  <- best' if i == best else ''}\n")
-    text = json.dumps(data, indent=2)
-    if args.plot:  # the plot first: a failure there leaves no report behind either
-        from PIL import Image
+    with staged_outputs() as stage:  # temporary names, renamed together once all are written
+        if plot_path is not None:
+            from PIL import Image
 
-        img = Image.fromarray((plot[0].numpy() * 255).round().astype("uint8"))
-        _write_atomically(Path(args.plot), img.save, "--plot")  # the temporary name keeps the suffix
-    if args.out:
-        _write_atomically(Path(args.out), lambda tmp: Path(tmp).write_text(text + "\n"), "--out")
-    print(text)
+            Image.fromarray((plot[0].numpy() * 255).round().astype("uint8")).save(stage(plot_path))
+        if out is not None:
+            write_json_to(stage(out), data)
+    print(json.dumps(data, indent=2))
     return 0

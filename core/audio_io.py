@@ -34,7 +34,7 @@ class DecodedAudio:
     sample_rate: int
     source_format: str    # FFmpeg sample format of the decoder, e.g. "s16", "fltp"
     codec: str
-    file_duration: Optional[float]  # seconds the container declares, if it does
+    file_duration: Optional[float]  # seconds the audio stream declares (else the container), if known
 
 
 def _frame_to_float(frame) -> np.ndarray:
@@ -78,6 +78,78 @@ def _riff_truncation(path: Path) -> Optional[str]:
                 return None
             pos += 8 + chunk_size + (chunk_size & 1)
     return "is truncated: the WAV header has no 'data' chunk"
+
+
+def _parse_clock(text: str) -> Optional[float]:
+    """``HH:MM:SS.fraction`` (Matroska's DURATION tag) in seconds; None if it is not one."""
+    parts = str(text).strip().split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        return None
+    if not 1 <= len(values) <= 3 or not all(math.isfinite(v) and v >= 0 for v in values):
+        return None
+    seconds = 0.0
+    for v in values:
+        seconds = seconds * 60.0 + v
+    return seconds
+
+
+def stream_duration(stream, sample_rate: int) -> Optional[float]:
+    """Seconds the audio stream itself declares, or None.
+
+    In order: the stream's duration field (mp4, mov, ogg, wav, ...); Matroska/WebM's per-track
+    ``DURATION`` tag (FFmpeg's muxer writes one; the demuxer leaves the field empty); its frame
+    count × the codec's fixed frame size. The container's duration is *not* the audio's: it
+    spans the longest stream (a video longer than its soundtrack), so it is only an upper bound.
+    """
+    if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
+        return float(stream.duration * stream.time_base)
+    for key, value in (stream.metadata or {}).items():
+        if key.upper() == "DURATION" or key.upper().startswith("DURATION-"):
+            seconds = _parse_clock(value)
+            if seconds is not None and seconds > 0:
+                return seconds
+    frame_size = int(getattr(stream.codec_context, "frame_size", 0) or 0)
+    if stream.frames and frame_size > 0 and sample_rate > 0:
+        return stream.frames * frame_size / sample_rate
+    return None
+
+
+def _parse_clock(text: str) -> Optional[float]:
+    """``HH:MM:SS.fraction`` (Matroska's DURATION tag) in seconds; None if it is not one."""
+    parts = str(text).strip().split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        return None
+    if not 1 <= len(values) <= 3 or not all(math.isfinite(v) and v >= 0 for v in values):
+        return None
+    seconds = 0.0
+    for v in values:
+        seconds = seconds * 60.0 + v
+    return seconds
+
+
+def stream_duration(stream, sample_rate: int) -> Optional[float]:
+    """Seconds the audio stream itself declares, or None.
+
+    In order: the stream's duration field (mp4, mov, ogg, wav, ...); Matroska/WebM's per-track
+    ``DURATION`` tag (FFmpeg's muxer writes one; the demuxer leaves the field empty); its frame
+    count × the codec's fixed frame size. The container's duration is *not* the audio's: it
+    spans the longest stream (a video longer than its soundtrack), so it is only an upper bound.
+    """
+    if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
+        return float(stream.duration * stream.time_base)
+    for key, value in (stream.metadata or {}).items():
+        if key.upper() == "DURATION" or key.upper().startswith("DURATION-"):
+            seconds = _parse_clock(value)
+            if seconds is not None and seconds > 0:
+                return seconds
+    frame_size = int(getattr(stream.codec_context, "frame_size", 0) or 0)
+    if stream.frames and frame_size > 0 and sample_rate > 0:
+        return stream.frames * frame_size / sample_rate
+    return None
 
 
 def _check_segment(start: float, duration: float) -> None:
@@ -146,13 +218,15 @@ class AudioStream:
             raise AudioFileError(path, "audio stream declares no sample rate")
         self.channels = int(stream.codec_context.channels or 0) or None
         self.codec = stream.codec_context.name
-        if stream.duration is not None and stream.time_base is not None:
-            self.declared = float(stream.duration * stream.time_base)
-        elif container.duration is not None:
-            self.declared = container.duration / 1_000_000
-        declared = self.declared
-        if declared is not None and start > 0 and start >= declared:
-            raise InputError("start", f"{start:g} s is past the end of {path.name} ({declared:.3f} s long)")
+        # the audio's own length when the stream declares one: checked against what decodes
+        # (truncation) and used to refuse an over-long request before decoding. Otherwise the
+        # track is decoded to its end and judged by what decoded; the container's duration
+        # only bounds it (it includes a longer video: .mkv files without per-track tags).
+        self.declared = declared = stream_duration(stream, sr)
+        container_end = container.duration / 1_000_000 if container.duration is not None else None
+        end_bound = declared if declared is not None else container_end
+        if end_bound is not None and start > 0 and start >= end_bound:
+            raise InputError("start", f"{start:g} s is past the end of {path.name} ({end_bound:.3f} s long)")
         wanted = self.duration if self.duration > 0 else (declared - start if declared is not None else None)
         if wanted is not None and wanted > self.max_seconds:
             raise AudioFileError(

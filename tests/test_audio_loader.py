@@ -277,3 +277,62 @@ def test_path_outside_comfyui_input_folder(tmp_path, monkeypatch):
     with pytest.raises(AudioFileError, match="outside"):
         load_audio("../secret.wav", 0, 0, 0, "keep", 24.0)
     assert "not found" in AVSyncAudioLoader.VALIDATE_INPUTS("missing.wav")
+
+
+# ------------------------------------------------------------------ containers whose audio has no duration field
+
+def _mkv_audio_shorter_than_video(path, audio_seconds=1.5, video_seconds=3.0, sr=16000):
+    x = synth.noise(audio_seconds, sr, 0.3, seed=5)
+    files.write_video_with_audio(path, x[None], sr, "mkv", video_seconds=video_seconds)
+    # the FLAC track holds s16, rounded from float32 as the factory does
+    return np.clip(np.round(x.astype(np.float32) * 32767), -32768, 32767) / 32768.0
+
+
+def test_mkv_audio_shorter_than_its_video_is_not_truncated(tmp_path):
+    """Matroska gives the audio stream no duration field; the container's (3 s) is the video's.
+    The track's own DURATION tag (1.5 s) is what the audio is checked against."""
+    import av
+
+    from avsync.core.audio_io import decode_audio_file, stream_duration
+
+    expect = _mkv_audio_shorter_than_video(tmp_path / "v.mkv")
+    with av.open(str(tmp_path / "v.mkv")) as c:  # the situation the fix is for
+        assert c.streams.audio[0].duration is None and c.duration / 1e6 == pytest.approx(3.0, abs=0.05)
+        assert stream_duration(c.streams.audio[0], 16000) == pytest.approx(1.5)
+    got = decode_audio_file(tmp_path / "v.mkv")
+    np.testing.assert_array_equal(got.samples[0], expect.astype(np.float32))  # lossless, sample-exact
+    assert got.file_duration == pytest.approx(1.5)
+    audio, tl = _load(tmp_path / "v.mkv")
+    assert audio["waveform"].shape[-1] == 24000 and tl.num_samples == 24000
+
+
+def test_mkv_without_track_durations_decodes_to_the_end(tmp_path):
+    """No per-track tag (other muxers; here the tags renamed in place): the track is decoded to its
+    end and judged by what decoded, with the container's 3 s only as an upper bound."""
+    import av
+
+    from avsync.core.audio_io import decode_audio_file
+
+    expect = _mkv_audio_shorter_than_video(tmp_path / "v.mkv")
+    data = (tmp_path / "v.mkv").read_bytes()
+    assert data.count(b"DURATION") == 2  # one tag per track
+    (tmp_path / "n.mkv").write_bytes(data.replace(b"DURATION", b"DURATIOX"))
+    with av.open(str(tmp_path / "n.mkv")) as c:
+        s = c.streams.audio[0]
+        assert s.duration is None and "DURATION" not in s.metadata and c.duration / 1e6 == pytest.approx(3.0, abs=0.05)
+    got = decode_audio_file(tmp_path / "n.mkv")
+    np.testing.assert_array_equal(got.samples[0], expect.astype(np.float32))
+    with pytest.raises(InputError, match="start.*past the end"):  # past the decoded end, inside the container's
+        _load(tmp_path / "n.mkv", start=2.0)
+    cut, _ = _load(tmp_path / "n.mkv", start=0.5, duration=0.5)
+    np.testing.assert_array_equal(cut["waveform"][0, 0].numpy(), expect[8000:16000].astype(np.float32))
+
+
+def test_truncated_mkv_is_still_refused(tmp_path):
+    """The track's own duration keeps the truncation check for Matroska (a cut-off download)."""
+    x = synth.noise(4.0, 16000, 0.3, seed=6)
+    files.write_video_with_audio(tmp_path / "v.mkv", x[None], 16000, "mkv")
+    data = (tmp_path / "v.mkv").read_bytes()
+    (tmp_path / "t.mkv").write_bytes(data[: len(data) // 3])
+    with pytest.raises(AudioFileError, match="truncated"):
+        _load(tmp_path / "t.mkv")

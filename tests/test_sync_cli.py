@@ -88,22 +88,48 @@ def test_keyframes_file(files, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args,word", [
-    (["--video", "{d}/missing.mp4"], "missing.mp4: file not found"),
+    (["--video", "{d}/missing.mp4"], "--video: {d}/missing.mp4: no such file"),
     (["--video", "{d}/clicks.wav"], "has no video stream"),
-    (["--video", "{d}/own.mkv", "--audio", "{d}/nope.wav"], "nope.wav: file not found"),
+    (["--video", "{d}/own.mkv", "--audio", "{d}/nope.wav"], "--audio: {d}/nope.wav: no such file"),
     (["--video", "{d}/own.mkv", "--plot", "{t}/plot.gifx"], "--plot"),
     (["--video", "{d}/own.mkv", "--keyframes", "{d}/clicks.wav"], "--keyframes"),
-    (["--video", "{d}/own.mkv", "--flow-max-side", "5"], "flow_max_side"),
+    (["--video", "{d}/own.mkv", "--flow-max-side", "5"], "--flow-max-side: must be 0"),
+    (["--video", "{d}/own.mkv", "--keyframe-tolerance", "49"], "argument --keyframe-tolerance: must be between 0"),
+    (["--video", "{d}/own.mkv", "--max-seconds", "0"], "argument --max-seconds: must be"),
+    (["--video", "{d}/own.mkv", "--out", "{t}"], "--out: {t} is a directory"),
     (["--video", "{d}/own.mkv", "--max-seconds", "1"], "--max-seconds"),
-    (["--video", "{d}/own.mkv", "--plot", "{d}/clicks.wav/p.png"], "--plot: cannot write"),
+    (["--video", "{d}/own.mkv", "--plot", "{d}/clicks.wav/p.png"], "--plot: {d}/clicks.wav/p.png cannot be created"),
 ])
 def test_user_errors_exit_2_with_one_line_and_no_output(files, tmp_path, capsys, args, word):
     args = [a.format(d=files, t=tmp_path) for a in args]
+    word = word.format(d=files, t=tmp_path)
     out = tmp_path / "report.json"
-    assert main(["score", *args, "--out", str(out)]) == 2
+    assert main(["score", *args, "--out", str(out)] if "--out" not in args else ["score", *args]) == 2
     err = capsys.readouterr().err
-    assert word in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("usage:", " "))]  # argparse's usage
+    assert word in err and "Traceback" not in err and len(lines) == 1, err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_score_flags_come_from_the_node_schema(files, tmp_path, capsys):
+    """Every widget input of AVSyncSyncScore has its flag, help with range and default; an
+    existing --out is refused without --force and replaced with it."""
+    from avsync.cli import build_parser
+    from avsync.cli.schema_args import binding_for, flag_for_input
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices["score"]
+    b = binding_for(sub, "AVSyncSyncScore")
+    assert set(b.flags) == {"keyframe_reference", "keyframe_tolerance", "match_tolerance_ms", "max_offset_ms",
+                            "flow_max_side"} and set(b.skipped) == {"fps"}
+    helps = {a.dest: a.help for a in sub._actions}
+    assert "0..48; default: 1" in helps[b.dests["keyframe_tolerance"]]
+    args = sub.parse_args(["--video", "v.mp4"])
+    assert flag_for_input(args, "audio") == "--audio" and flag_for_input(args, "fps") == "--video"
+    out = tmp_path / "report.json"
+    out.write_text("old")
+    argv = ["score", "--video", str(files / "own.mkv"), "--flow-max-side", "64", "--out", str(out)]
+    assert main(argv) == 2 and "pass --force" in capsys.readouterr().err and out.read_text() == "old"
+    assert main([*argv, "--force"]) == 0 and json.loads(out.read_text())["flow_max_side"] == 64
 
 
 def test_real_clip_offset_follows_the_applied_shift():
@@ -129,3 +155,16 @@ def test_real_clip_offset_follows_the_applied_shift():
     for shift in (0.1, 0.2, 0.3):
         r, _ = offset(shift)
         assert abs((r.offset_ms - as_is.offset_ms) - (-shift * 1000)) <= 1000 / float(fps), (shift, r.offset_ms)
+
+
+def test_score_mkv_whose_audio_is_shorter_than_its_video(tmp_path, capsys):
+    """Matroska: the container's duration is the (longer) video's; the own track is still read whole
+    and not taken for truncated (core/audio_io.py:stream_duration), the mismatch is a reason."""
+    from tests.factories import audio_files
+
+    audio_files.write_video_with_audio(tmp_path / "v.mkv", A.clicks([0.25, 0.75], 1.0, 16000, seed=1)[None], 16000,
+                                       "mkv", fps=12, video_seconds=2.0)
+    assert main(["score", "--video", str(tmp_path / "v.mkv"), "--flow-max-side", "32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_frames"] == 24 and report["audio_seconds"] == pytest.approx(1.0)
+    assert any("differ in length" in r for r in report["reasons"]), report["reasons"]

@@ -93,19 +93,22 @@ def write_lossy(path, samples: np.ndarray, sr: int, kind: str, bit_rate: int = 1
 
 
 def write_video_with_audio(path, samples: np.ndarray, sr: int, container: str, fps: int = 12,
-                           size=(64, 48)) -> None:
-    """A short video (grey frames) with an audio track: mp4/mov (h264+aac), mkv (h264+flac), webm (vp9+opus)."""
+                           size=(64, 48), video_seconds: float | None = None) -> None:
+    """A short video (grey frames) with an audio track: mp4/mov (h264+aac), mkv (h264+flac), webm (vp9+opus).
+    ``video_seconds``: picture length when it should differ from the audio's; ``path`` may also be a
+    writable file object (e.g. a non-seekable one, as a pipe: then Matroska gets no per-track duration tags)."""
     import av
 
     samples = np.atleast_2d(samples).astype(np.float32)
     vcodec, acodec, afmt = {"mp4": ("libx264", "aac", "fltp"), "mov": ("libx264", "aac", "fltp"),
                             "mkv": ("libx264", "flac", "s16"), "webm": ("libvpx-vp9", "libopus", "flt")}[container]
     layout = _layout(samples.shape[0])
-    with av.open(str(path), "w", format={"mkv": "matroska"}.get(container, container)) as out:
+    target = path if hasattr(path, "write") else str(path)
+    with av.open(target, "w", format={"mkv": "matroska"}.get(container, container)) as out:
         vs = out.add_stream(vcodec, rate=fps)
         vs.width, vs.height, vs.pix_fmt = size[0], size[1], "yuv420p"
         ast = out.add_stream(acodec, rate=sr, layout=layout)
-        n_frames = int(np.ceil(samples.shape[1] / sr * fps))
+        n_frames = int(np.ceil((samples.shape[1] / sr if video_seconds is None else video_seconds) * fps))
         for i in range(n_frames):
             img = np.full((size[1], size[0], 3), (i * 9) % 255, np.uint8)
             for p in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
