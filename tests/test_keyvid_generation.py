@@ -88,6 +88,13 @@ def inputs():
     return image, wav
 
 
+@pytest.fixture(scope="module")
+def gen_cond(gen, inputs):
+    image, wav = inputs
+    first = kv.prepare_first_frame(image, W, H)
+    return kv.encode_conditions(gen, first, kv.clip_audio_16k(wav, 16000), "a dog barking", tokenizer)
+
+
 def gen_settings(**kw):
     return kv.KeyframeSettings(**{"steps": 1, "width": W, "height": H, **kw})
 
@@ -108,10 +115,8 @@ def _hand_audio_chunks(trunk_out):
     return flat.reshape(52, 12, -1)
 
 
-def test_generator_conditioning_layout(gen, inputs):
-    image, wav = inputs
-    first = kv.prepare_first_frame(image, W, H)
-    cond = kv.encode_conditions(gen, first, kv.clip_audio_16k(wav, 16000), "a dog barking", tokenizer)
+def test_generator_conditioning_layout(gen, gen_cond):
+    cond = gen_cond
     z0 = torch.randn(1, 4, 4, 4)
     fam = kv.generator_family(gen.unet.module, cond, z0, KF, fs=6)
     chunks, null_chunks = _hand_audio_chunks(cond.audio), _hand_audio_chunks(cond.null_audio)
@@ -176,10 +181,8 @@ def test_first_frame_resize_and_centre_crop():
 # The batched step on the KeyVID UNet
 # --------------------------------------------------------------------------------------
 
-def test_batched_four_passes_equal_separate_passes(gen, inputs):
-    image, wav = inputs
-    cond = kv.encode_conditions(gen, kv.prepare_first_frame(image, W, H), kv.clip_audio_16k(wav, 16000), "x", tokenizer)
-    fam = kv.generator_family(gen.unet.module, cond, torch.randn(1, 4, 4, 4), KF)
+def test_batched_four_passes_equal_separate_passes(gen, gen_cond):
+    fam = kv.generator_family(gen.unet.module, gen_cond, torch.randn(1, 4, 4, 4), KF)
     x = torch.randn(1, 4, len(KF), 4, 4, generator=torch.Generator().manual_seed(1))
     t = torch.tensor(999)
     branches = gen_settings().guidance().branches(0, 2)
@@ -197,16 +200,6 @@ def test_batched_four_passes_equal_separate_passes(gen, inputs):
 # Determinism, guidance passthrough, Cancel
 # --------------------------------------------------------------------------------------
 
-def test_keyframes_same_seed_bit_identical_different_seed_differs(gen, inputs):
-    image, wav = inputs
-    a = kv.generate_keyframes(gen, image, wav, 16000, KF, "dog", gen_settings(seed=1), tokenizer=tokenizer)
-    b = kv.generate_keyframes(gen, image, wav, 16000, KF, "dog", gen_settings(seed=1), tokenizer=tokenizer)
-    c = kv.generate_keyframes(gen, image, wav, 16000, KF, "dog", gen_settings(seed=2), tokenizer=tokenizer)
-    assert a.images.shape == (12, H, W, 3) and a.latents.shape == (1, 4, 12, 4, 4) and a.indices == KF
-    assert torch.equal(a.images, b.images) and torch.equal(a.latents, b.latents)
-    assert (a.latents - c.latents).abs().max() > 1e-2
-
-
 class _ASGConfig:
     """What the asg branch's AVSYNC_GUIDANCE carries: scale, range, layers; wrap() builds AudioSyncGuidance."""
 
@@ -219,19 +212,24 @@ class _ASGConfig:
                                  self.start, self.end)
 
 
-def test_guidance_zero_or_none_is_bit_identical_and_asg_changes_output(gen, inputs):
+def test_same_seed_bit_identical_other_seed_differs_and_guidance_passthrough(gen, inputs):
+    """Same seed + same model → bit-identical (also with an ASG object of scale 0, which must be a
+    no-op); another seed → different; ASG with w_a > 0 adds its audio-off branch to the same call."""
     image, wav = inputs
 
-    def run(g, trace=None):
-        return kv.generate_keyframes(gen, image, wav, 16000, KF, "x", gen_settings(), guidance=g, tokenizer=tokenizer,
-                                     trace=trace).latents
+    def run(seed, g=None, trace=None):
+        return kv.generate_keyframes(gen, image, wav, 16000, KF, "dog", gen_settings(seed=seed), guidance=g,
+                                     tokenizer=tokenizer, trace=trace)
 
-    base = run(None)
-    assert torch.equal(run(_ASGConfig(0.0)), base)
+    a = run(1)
+    assert a.images.shape == (12, H, W, 3) and a.latents.shape == (1, 4, 12, 4, 4) and a.indices == KF
+    b = run(1, _ASGConfig(0.0))
+    assert torch.equal(a.images, b.images) and torch.equal(a.latents, b.latents)
+    assert (run(2).latents - a.latents).abs().max() > 1e-2
     trace = kv.SamplingTrace()
-    with_asg = run(_ASGConfig(3.0), trace)
-    assert trace.model_calls == [5]                                        # the audio-off branch joins the batch
-    assert (with_asg - base).abs().max() > 1e-4
+    with_asg = run(1, _ASGConfig(3.0), trace)
+    assert trace.model_calls == [5]
+    assert (with_asg.latents - a.latents).abs().max() > 1e-4
 
 
 def test_cancel_mid_run_leaves_no_audio_layer_switched_off(gen, inputs):
@@ -280,10 +278,8 @@ def test_freenoise_views_and_weights():
     assert kv.freenoise_views(12) == [(0, 12)] and kv.freenoise_views(50)[-1] == (38, 50)
 
 
-def test_freenoise_equals_full_when_frames_fit_one_window(gen, inputs):
-    image, wav = inputs
-    cond = kv.encode_conditions(gen, kv.prepare_first_frame(image, W, H), kv.clip_audio_16k(wav, 16000), "x", tokenizer)
-    fam = kv.generator_family(gen.unet.module, cond, torch.randn(1, 4, 4, 4), KF)   # 12 frames
+def test_freenoise_equals_full_when_frames_fit_one_window(gen, gen_cond):
+    fam = kv.generator_family(gen.unet.module, gen_cond, torch.randn(1, 4, 4, 4), KF)   # 12 frames
     guide = gen_settings().guidance()
     x = torch.randn(1, 4, 12, 4, 4, generator=torch.Generator().manual_seed(2))
     full = kv.guided_predictor(fam, guide, 2)(x, torch.tensor(500), 0)
@@ -318,19 +314,27 @@ def test_clip_plan_lands_on_exact_timeline_frames_over_a_minute(sample_rate):
     assert (odd[-1].start, odd[-1].end) == (1440, 1441)
 
 
-def test_animate_clips_chains_clips_on_the_timeline(gen, interp, inputs):
+def test_nodes_chain_clips_on_the_timeline(gen, interp, inputs):
+    """Generator node → interpolator node over 52 frames (two clips: 48 + 4): exactly 52 frames,
+    clip 1 = the pipeline run from clip 0's last frame with the audio from 2 s and seed + 1."""
+    from avsync.nodes.keyvid_nodes import AVSyncKeyframeGenerator, AVSyncMotionInterpolator
+
     image, _ = inputs
-    wav = torch.randn(1, 16000 * 52 // 24, generator=torch.Generator().manual_seed(9)) * 0.1   # 52 frames
-    seen = []
-    frames = kv.animate_clips(gen, interp, image, wav, 16000, _keyframes(52), "x", gen_settings(),
-                              interp_settings(), tokenizer=tokenizer, on_clip=seen.append)
+    wav = torch.randn(1, 1, 16000 * 52 // 24, generator=torch.Generator().manual_seed(9)) * 0.1   # 52 frames
+    audio = {"waveform": wav, "sample_rate": 16000}
+    keyframes = _keyframes(52)
+    images, kvk = AVSyncKeyframeGenerator().generate(gen, image[None], audio, keyframes, "x", 2.0, 7.5, 7.5, 1, 1.0,
+                                                     5, width=W, height=H, tokenizer=tokenizer)
+    assert images.shape == (12, H, W, 3) and kvk.first.indices == keyframes.clips[0]
+    (frames,) = AVSyncMotionInterpolator().interpolate(interp, kvk, keyframes, audio, 2.0, 7.5, 9.0, 1, 1.0, 8, "full")
     assert frames.shape == (52, H, W, 3)
-    assert [(r.plan.start, r.plan.end, r.plan.audio_start_s) for r in seen] == [(0, 48, 0.0), (48, 52, 2.0)]
-    assert torch.equal(frames[:48], seen[0].frames) and torch.equal(frames[48:], seen[1].frames)
-    # the seam: clip 1 is generated from clip 0's last frame
-    again = kv.generate_keyframes(gen, seen[0].frames[-1], wav, 16000, seen[1].plan.keyframes, "x",
-                                  gen_settings(seed=1), tokenizer=tokenizer, audio_start_s=2.0)
-    assert torch.equal(again.latents, seen[1].keyframes.latents)
+    assert kv.plan_clips(keyframes, 5)[1].keyframes == keyframes.clips[1]
+    # the seam: clip 1 starts from frame 47 (clip 0's last), audio from 2 s, seeds + 1
+    kf1 = kv.generate_keyframes(gen, frames[47], wav[0], 16000, keyframes.clips[1], "x", gen_settings(seed=6),
+                                tokenizer=tokenizer, audio_start_s=2.0)
+    clip1 = kv.interpolate_motion(interp, kf1.latents, kf1.indices, wav[0], 16000, "x", interp_settings(seed=9),
+                                  first_image=frames[47], tokenizer=tokenizer, audio_start_s=2.0)
+    assert torch.equal(frames[48:], clip1[:4])
 
 
 # --------------------------------------------------------------------------------------
