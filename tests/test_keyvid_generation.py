@@ -359,3 +359,15 @@ def test_node_validation_errors(gen, interp):
     with pytest.raises(InputError, match="model"):
         AVSyncKeyframeGenerator().generate(interp, torch.rand(1, 16, 16, 3), audio, _keyframes(24), "x", 2, 7.5, 7.5,
                                            1, 1.0, 0)
+
+
+def test_memory_check_stops_before_model_work_with_suggestions(gen, interp, inputs):
+    image, wav = inputs
+    est = kv.KeyVIDMemory(gen, 12, 4).estimate(gen_settings())
+    with pytest.raises(InputError, match="model.*Settings that would fit: .*batched off.*fp16 or bf16"):
+        kv.generate_keyframes(gen, image, wav, 16000, KF, "x", gen_settings(), tokenizer=tokenizer,
+                              free_bytes=est.peak - 1)
+    big = kv.KeyVIDMemory(interp, 48, 4)
+    s = interp_settings()
+    assert big.estimate(kv.replace(s, window="freenoise")).sampling < big.estimate(s).sampling
+    assert big.estimate(kv.replace(s, batched=False)).sampling < big.estimate(s).sampling
