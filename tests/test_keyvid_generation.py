@@ -156,13 +156,14 @@ def test_interpolator_conditioning_layout(interp, inputs):
         assert torch.equal(c[:, :, f], want)
     # 52 → 48 chunks, bilinear along the chunk axis (align_corners False): frame j reads chunks around (j+0.5)·52/48−0.5
     chunks = _hand_audio_chunks(cond.audio)
-    for j in (0, 5, 47):
+    for j in range(48):
         pos = min(max((j + 0.5) * 52 / 48 - 0.5, 0), 51)
         lo = int(pos)
         hi = min(lo + 1, 51)
         want = chunks[lo] * (1 - (pos - lo)) + chunks[hi] * (pos - lo)
-        # measured: ≤ 3e-6 (torch computes the source position from a float32 scale 52/48)
-        assert torch.allclose(got["c_audio"][0, j], want, atol=2e-5, rtol=0)
+        # measured floor over all 48 frames: 1.7e-5 (torch computes the source position from
+        # a float32 scale 52/48, here it is float64)
+        assert torch.allclose(got["c_audio"][0, j], want, atol=1e-4, rtol=0)
     assert got["fs"].tolist() == [24] and got["frame_idx"].tolist() == [list(range(48))]
 
 
@@ -191,8 +192,9 @@ def test_batched_four_passes_equal_separate_passes(gen, gen_cond):
     four = evaluate_branches(fam, x, t, branches, batched=False)
     assert calls == [4]
     for b in branches:
-        # measured floor: 1.2e-6 (values ≲ 3); batch-size-dependent kernels in float32
-        assert torch.allclose(one[b.name], four[b.name], atol=2e-5, rtol=0)
+        # measured floor: 5.2e-8 (4.1e-8 with ATEN_CPU_CAPABILITY=default), values ≲ 0.13; float32 kernels
+        # that depend on the batch size
+        assert torch.allclose(one[b.name], four[b.name], atol=1e-6, rtol=0)
     assert not torch.allclose(four["cond"], four["e_it"])             # the audio matters
 
 
