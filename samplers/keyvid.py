@@ -492,6 +492,11 @@ def decode_clip(model, latents: torch.Tensor, chunk: int) -> torch.Tensor:
         model.vae.offload()
 
 
+def _extra(model, est: MemoryEstimate) -> int:
+    """What ComfyUI must keep free besides the UNet's weights while it samples."""
+    return max(0, est.sampling - module_bytes(model.unet.module, buffers=False))
+
+
 def _progress(progress, total: int, desc: str):
     return progress if progress is not None else compat.Progress(total, desc)
 
@@ -528,7 +533,7 @@ def generate_keyframes(model, first_image: torch.Tensor, waveform: torch.Tensor,
     _check_role(model, "generator", "model")
     idx = check_keyframe_indices(keyframe_indices)
     noise = noise if noise is not None else SeededNoise(settings.seed)
-    _check_memory(model, settings, len(idx), free_bytes)
+    est = _check_memory(model, settings, len(idx), free_bytes)
     inner = settings.guidance()
     guide = apply_guidance(inner, guidance)
     solver = DDIMV(DiffusionSchedule.keyvid(), settings.steps, settings.eta)
@@ -547,7 +552,7 @@ def generate_keyframes(model, first_image: torch.Tensor, waveform: torch.Tensor,
         model.vae.offload()
     initial = noise.initial((1, c, len(idx), h, w))
     try:
-        unet = model.unet.load()
+        unet = model.unet.load(memory_required=_extra(model, est))
         family = generator_family(unet, cond, z0, idx, settings.fs)
         latents = _sample(model, family, guide, settings, noise, initial, solver, progress, trace)
     finally:
@@ -584,7 +589,7 @@ def interpolate_motion(model, keyframe_latents: torch.Tensor, keyframe_indices: 
         raise InputError("keyframes", f"keyframe latents {tuple(kf.shape)} do not match {settings.width}×"
                                       f"{settings.height} px ({c} × {h} × {w} latents)")
     noise = noise if noise is not None else SeededNoise(settings.seed)
-    _check_memory(model, settings, CLIP_FRAMES, free_bytes)
+    est = _check_memory(model, settings, CLIP_FRAMES, free_bytes)
     guide = apply_guidance(settings.guidance(), guidance)
     solver = DDIMV(DiffusionSchedule.keyvid(), settings.steps, settings.eta,
                    keyframes=KeyframeReplacement(kf, idx, until_step=settings.inpainting_end_step))
@@ -598,7 +603,7 @@ def interpolate_motion(model, keyframe_latents: torch.Tensor, keyframe_indices: 
     cond = encode_conditions(model, first, clip_audio_16k(waveform, sample_rate, audio_start_s), prompt, tokenizer)
     initial = anchor_interpolated_noise(noise.initial((1, c, CLIP_FRAMES, h, w)), idx)
     try:
-        unet = model.unet.load()
+        unet = model.unet.load(memory_required=_extra(model, est))
         family = interpolator_family(unet, cond, kf, idx, settings.fs)
         predict = None
         if settings.window == "freenoise":
