@@ -116,42 +116,6 @@ def stream_duration(stream, sample_rate: int) -> Optional[float]:
     return None
 
 
-def _parse_clock(text: str) -> Optional[float]:
-    """``HH:MM:SS.fraction`` (Matroska's DURATION tag) in seconds; None if it is not one."""
-    parts = str(text).strip().split(":")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        return None
-    if not 1 <= len(values) <= 3 or not all(math.isfinite(v) and v >= 0 for v in values):
-        return None
-    seconds = 0.0
-    for v in values:
-        seconds = seconds * 60.0 + v
-    return seconds
-
-
-def stream_duration(stream, sample_rate: int) -> Optional[float]:
-    """Seconds the audio stream itself declares, or None.
-
-    In order: the stream's duration field (mp4, mov, ogg, wav, ...); Matroska/WebM's per-track
-    ``DURATION`` tag (FFmpeg's muxer writes one; the demuxer leaves the field empty); its frame
-    count × the codec's fixed frame size. The container's duration is *not* the audio's: it
-    spans the longest stream (a video longer than its soundtrack), so it is only an upper bound.
-    """
-    if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
-        return float(stream.duration * stream.time_base)
-    for key, value in (stream.metadata or {}).items():
-        if key.upper() == "DURATION" or key.upper().startswith("DURATION-"):
-            seconds = _parse_clock(value)
-            if seconds is not None and seconds > 0:
-                return seconds
-    frame_size = int(getattr(stream.codec_context, "frame_size", 0) or 0)
-    if stream.frames and frame_size > 0 and sample_rate > 0:
-        return stream.frames * frame_size / sample_rate
-    return None
-
-
 def _check_segment(start: float, duration: float) -> None:
     if not math.isfinite(start) or start < 0:
         raise InputError("start", f"must be a finite number of seconds >= 0, got {start}")
