@@ -95,9 +95,16 @@ class AVSyncAudioSyncGuidanceModel:
 
     @classmethod
     def INPUT_TYPES(cls):
+        inputs = _inputs()
+        for name, what in (("start", "Start"), ("end", "End")):
+            kind, opts = inputs[name]
+            inputs[name] = (kind, dict(opts, tooltip=(
+                f"{what} of the ASG range as ComfyUI's {name}_percent (a fraction of the model's time schedule, "
+                "as in SkipLayerGuidanceDiT; with shifted flow schedules this is not the fraction of steps). "
+                "Outside the range the extra prediction is not computed.")))
         return {"required": {"model": (MODEL, {"tooltip":
                              "A Wan2.2-S2V or HuMo model (Load Diffusion Model). Models without audio layers are "
-                             "refused."}), **_inputs()}}
+                             "refused."}), **inputs}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, w_a=None, start=None, end=None, layers=None, model=None):
