@@ -100,6 +100,22 @@ class AudioSyncGuidanceSettings:
         """False when the guidance can change nothing (w_a = 0 or an empty step range)."""
         return self.w_a != 0.0 and self.end > self.start
 
+    def wrap(self, inner: LinearGuidance) -> LinearGuidance:
+        """The ``AVSYNC_GUIDANCE`` protocol of ``samplers/keyvid.py:apply_guidance``: ``inner``
+        wrapped in :class:`AudioSyncGuidance` (the skip patch is ``audio_layers_off`` on the
+        chosen layers of whatever network the branches run on); ``inner`` itself when the
+        settings can change nothing. Call :meth:`check` on the network first."""
+        if not self.enabled:
+            return inner
+        from ..networks.audio_layers import audio_layers_off
+
+        skip = partial(_skip, audio_layers_off, None if self.layers is None else list(self.layers))
+        return AudioSyncGuidance(inner, self.w_a, skip, self.start, self.end)
+
+    def check(self, net: nn.Module, input_name: str = "guidance", what: str = "the model") -> None:
+        """Before sampling: ``net`` has audio layers, and the chosen ones (:func:`check_guidance`)."""
+        check_guidance(self, net, input_name, what)
+
     def describe(self) -> str:
         which = "all audio layers" if self.layers is None else f"audio layers {_ranges(self.layers)}"
         return f"ASG w_a={self.w_a:g}, steps {self.start:g}-{self.end:g} of sampling, skipping {which}"
@@ -137,17 +153,13 @@ def check_guidance(settings: Optional[AudioSyncGuidanceSettings], net: nn.Module
 
 def with_audio_sync_guidance(inner: LinearGuidance, settings: Optional[AudioSyncGuidanceSettings],
                              net: nn.Module) -> LinearGuidance:
-    """``inner`` wrapped in :class:`AudioSyncGuidance` for ``settings`` (the skip patch is
-    ``networks/audio_layers.py:audio_layers_off`` on the chosen layers of ``net``). Without
-    settings, or when they can change nothing (w_a = 0), ``inner`` itself is returned, so the
-    run is the one without ASG bit for bit."""
-    if settings is None or not settings.enabled:
+    """``inner`` wrapped for ``settings`` after checking them against ``net``. Without settings,
+    or when they can change nothing (w_a = 0), ``inner`` itself is returned, so the run is the
+    one without ASG bit for bit."""
+    if settings is None:
         return inner
-    from ..networks.audio_layers import audio_layers_off
-
-    layers = resolve_layers(settings.layers, count_audio_layers(net))
-    skip = partial(_skip, audio_layers_off, None if settings.layers is None else list(layers))
-    return AudioSyncGuidance(inner, settings.w_a, skip, settings.start, settings.end)
+    settings.check(net)
+    return settings.wrap(inner)
 
 
 def _skip(switch, layers, net, mask):
