@@ -118,13 +118,15 @@ class AVSyncAudioSyncGuidanceModel:
         if found is None:
             raise InputError("model", "this model has no audio layers (Audio Sync Guidance needs Wan2.2-S2V or HuMo)")
         if not settings.enabled:
-            return (model,)
+            return {"ui": {"text": [f"ASG off (w_a = 0 or an empty range); the model has "
+                                    f"{describe_core_audio_layers(found)}"]}, "result": (model,)}
         try:
             patched, _ = compat.patch_audio_sync_guidance(model, settings)
         except ValueError as err:
             raise InputError("layers", str(err)) from None
-        compat.log.info("AVSync: %s on a model with %s", settings.describe(), describe_core_audio_layers(found))
-        return (patched,)
+        text = f"{settings.describe()} on a model with {describe_core_audio_layers(found)}"
+        compat.log.info("AVSync: %s", text)
+        return {"ui": {"text": [text]}, "result": (patched,)}
 
 
 NODE_CLASS_MAPPINGS = {

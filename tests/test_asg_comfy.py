@@ -280,7 +280,9 @@ def test_a_model_without_audio_layers_is_refused_with_a_clear_message():
 
 def test_w_a_zero_returns_the_model_unchanged():
     model, *_ = make("s2v")
-    assert AVSyncAudioSyncGuidanceModel().patch(model, 0.0, 0.0, 1.0, "all")[0] is model
+    out = AVSyncAudioSyncGuidanceModel().patch(model, 0.0, 0.0, 1.0, "all")
+    assert out["result"][0] is model
+    assert out["ui"]["text"] == ["ASG off (w_a = 0 or an empty range); the model has 2 audio layers (wan-s2v, in blocks 0, 2)"]
 
 
 def test_off_sync_rows_mask():
@@ -348,3 +350,14 @@ def test_the_step_range_is_honoured_and_outside_it_nothing_extra_runs():
         for s, o in zip(sigmas, outs):
             if s not in (8.0, 6.0):
                 assert torch.equal(o, sampling_function(model, x, torch.tensor([s]), uncond, cond, cfg=3.0))
+
+
+def test_the_node_shows_the_model_audio_layers(monkeypatch):
+    model, *_ = make("humo")
+    real = compat.patch_audio_sync_guidance
+    monkeypatch.setattr(compat, "patch_audio_sync_guidance", lambda m, settings: real(
+        m, settings, calc_cond_batch=calc_cond_batch, apply_model_wrapper_type=APPLY_MODEL))
+    out = AVSyncAudioSyncGuidanceModel().patch(model, 2.0, 0.0, 0.5, "1")
+    assert out["ui"]["text"] == ["ASG w_a=2, steps 0-0.5 of sampling, skipping audio layers 1 on a model with "
+                                 "2 audio layers (humo, in blocks 1, 2)"]
+    assert out["result"][0].object_patches.keys() == {"diffusion_model.blocks.2.audio_cross_attn_wrapper.forward"}

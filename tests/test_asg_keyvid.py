@@ -76,7 +76,9 @@ def test_the_step_range_limits_the_extra_branch(generator):
 
 
 def test_a_layer_subset_is_checked_against_the_generator_before_sampling(generator):
-    n = len(__import__("avsync.networks.audio_layers", fromlist=["x"]).list_audio_layers(generator.unet.module))
+    from avsync.networks.audio_layers import list_audio_layers
+
+    n = len(list_audio_layers(generator.unet.module))
     with pytest.raises(InputError, match=f"^guidance: audio layer {n} does not exist: the KeyVID generator UNet "
                                          f"has {n} audio layers"):
         _run(generator, AudioSyncGuidanceSettings(layers=(n,)))
@@ -88,3 +90,13 @@ def test_a_network_without_audio_layers_is_refused_by_the_pipeline_check():
     # w_a = 0 too: the input is wired to a model it cannot apply to
     with pytest.raises(InputError, match="no audio layers"):
         keyvid.apply_guidance(MultiConditionCFG(), AudioSyncGuidanceSettings(0.0), torch.nn.Linear(2, 2))
+
+
+def test_the_loader_node_shows_how_many_audio_layers_the_generator_has(generator):
+    from avsync.networks.audio_layers import list_audio_layers
+    from avsync.nodes.keyvid_loader_nodes import _audio_layers_text
+
+    n = len(list_audio_layers(generator.unet.module))
+    assert n > 1
+    assert _audio_layers_text(generator) == (f"generator UNet: {n} audio layers (Audio Sync Guidance 'layers': "
+                                             f"0-{n - 1}, shallow to deep)")
