@@ -662,12 +662,42 @@ class ClipRun:
     frames: torch.Tensor
 
 
+SAME = object()   # animate_clips: the interpolator uses the generator's guidance
+
+
+@dataclass
+class KeyVIDKeyframes:
+    """``AVSYNC_KEYVID_KEYFRAMES``: what the keyframe generator node hands the motion interpolator.
+
+    ``first`` is clip 0's :class:`KeyframeResult` (latents, indices, images). Clips after the first
+    depend on the previous clip's last *interpolated* frame, so they are generated when the
+    interpolator reaches them (:func:`animate_clips` with ``first_keyframes``); for that the object
+    carries the generator, its settings and guidance, the first image, the audio and the prompt.
+    """
+
+    first: KeyframeResult
+    keyframes: object                # core.keyframes.Keyframes (the localizer's timeline)
+    image: torch.Tensor              # IMAGE [H, W, 3]: clip 0's first frame, as given
+    waveform: torch.Tensor           # [C, N]
+    sample_rate: int
+    prompt: str
+    model: object = None             # the generator (KeyVIDModel, role "generator")
+    settings: KeyframeSettings = field(default_factory=KeyframeSettings)
+    guidance: object = None
+    tokenizer: Optional[Callable] = None
+
+    @property
+    def clips(self) -> int:
+        return len(self.keyframes.clips)
+
+
 @torch.no_grad()
 def animate_clips(gen_model, interp_model, image: torch.Tensor, waveform: torch.Tensor, sample_rate: int, keyframes,
                   prompt: str, gen_settings: Optional[KeyframeSettings] = None,
                   interp_settings: Optional[InterpolationSettings] = None, guidance=None, progress=None,
                   tokenizer: Optional[Callable] = None, first_keyframes: Optional[KeyframeResult] = None,
-                  on_clip: Optional[Callable[[ClipRun], None]] = None, free_bytes: Optional[int] = -1) -> torch.Tensor:
+                  on_clip: Optional[Callable[[ClipRun], None]] = None, free_bytes: Optional[int] = -1,
+                  interp_guidance=SAME) -> torch.Tensor:
     """IMAGE + audio + ``AVSYNC_KEYFRAMES`` → IMAGE ``[keyframes.num_frames, H, W, 3]`` at 24 fps.
 
     Clip i covers timeline frames ``[48i, 48i + 48)`` and audio from ``48i/24`` s; its first image
@@ -675,8 +705,11 @@ def animate_clips(gen_model, interp_model, image: torch.Tensor, waveform: torch.
     keyframe 0 of clip i is generated from frame 48i − 1). A short last clip is generated as a full
     48-frame clip (audio zero-padded) and cut to its length. Clip i's seed is ``gen_settings.seed + i``
     (generator) and ``interp_settings.seed + i`` (interpolator). ``first_keyframes``: clip 0's keyframes
-    already generated (the nodes pass the generator node's result).
+    already generated (the nodes pass the generator node's result). ``guidance`` applies to both
+    stages unless ``interp_guidance`` is given for the interpolator.
     """
+    if interp_guidance is SAME:
+        interp_guidance = guidance
     gen_settings = (gen_settings or KeyframeSettings()).validate()
     interp_settings = (interp_settings or InterpolationSettings()).validate()
     _check_role(gen_model, "generator", "model")
@@ -698,7 +731,7 @@ def animate_clips(gen_model, interp_model, image: torch.Tensor, waveform: torch.
                                     free_bytes=free_bytes)
         clip = interpolate_motion(interp_model, kf.latents, kf.indices, waveform, sample_rate, prompt,
                                   replace(interp_settings, seed=interp_settings.seed + plan.index), first_image=current,
-                                  guidance=guidance, progress=progress, tokenizer=tokenizer,
+                                  guidance=interp_guidance, progress=progress, tokenizer=tokenizer,
                                   audio_start_s=plan.audio_start_s, free_bytes=free_bytes)
         clip = clip[: plan.end - plan.start]
         if on_clip is not None:
