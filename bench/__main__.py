@@ -34,6 +34,8 @@ PLANS = {
     "bench_inbetween": (["--repeats", "1"], [], ["--device", "cuda", "--real-config"]),
     "bench_svd_loading": ([], [], ["--size", "real"]),
     "bench_sync_score": (["--quick"], [], None),
+    "bench_asg": (["--frames", "2", "--height", "8", "--width", "8", "--repeats", "1", "--steps", "2"], [],
+                  ["--device", "cuda", "--real", "--frames", "12", "--height", "40", "--width", "64"]),
 }
 
 
