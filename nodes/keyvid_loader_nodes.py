@@ -88,7 +88,7 @@ class _KeyVIDLoader:
 
 
 def _audio_layers_text(model) -> str:
-    """Shown on the node (web/js/avsync_audio_layers.js): what AVSyncAudioSyncGuidance's 'layers' can pick."""
+    """Shown on the node (web/js/avsync_sync_report.js): what AVSyncAudioSyncGuidance's 'layers' can pick."""
     from ..networks.audio_layers import list_audio_layers
 
     n = len(list_audio_layers(model.unet.module))

@@ -1,19 +1,24 @@
-// AVSync: show AVSyncSyncScore's report on the node.
+// AVSync: show a node's text report on the node — AVSyncSyncScore's sync report; the audio
+// layers of the model for the KeyVID loaders and AVSyncAudioSyncGuidanceModel.
 //
-// The node returns {"ui": {"text": [report]}, "result": ...}. ComfyUI's frontend shows
+// These nodes return {"ui": {"text": [report]}, "result": ...}. ComfyUI's frontend shows
 // ui.images and ui.audio on any node but has no display of its own for ui.text, so this
 // adds one read-only multiline text widget and fills it when the node has run. The widget
 // is not serialized: saved workflows keep only the node's real widget values.
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
-const NODE_CLASS = "AVSyncSyncScore";
-const REPORT_WIDGET = "sync_report";
+const TEXT_WIDGETS = {
+  AVSyncSyncScore: "sync_report",
+  AVSyncKeyVIDGeneratorLoader: "audio_layers",
+  AVSyncKeyVIDInterpolatorLoader: "audio_layers",
+  AVSyncAudioSyncGuidanceModel: "audio_layers",
+};
 
-function reportWidget(node) {
-  let widget = node.widgets?.find((w) => w.name === REPORT_WIDGET);
+function reportWidget(node, name) {
+  let widget = node.widgets?.find((w) => w.name === name);
   if (!widget) {
-    widget = ComfyWidgets.STRING(node, REPORT_WIDGET, ["STRING", { multiline: true }], app).widget;
+    widget = ComfyWidgets.STRING(node, name, ["STRING", { multiline: true }], app).widget;
     widget.serialize = false; // LiteGraph reads this property when saving widgets_values
     if (widget.inputEl) {
       widget.inputEl.readOnly = true;
@@ -26,12 +31,13 @@ function reportWidget(node) {
 app.registerExtension({
   name: "AVSync.SyncReportText",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== NODE_CLASS) return;
+    const name = TEXT_WIDGETS[nodeData.name];
+    if (!name) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const text = Array.isArray(message?.text) ? message.text.join("\n") : String(message?.text ?? "");
-      reportWidget(this).value = text;
+      reportWidget(this, name).value = text;
       this.setDirtyCanvas?.(true, true);
     };
   },
