@@ -392,3 +392,45 @@ def list_input_files(extensions: Iterable[str]) -> list[str]:
     return sorted(
         p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file() and p.name.lower().endswith(exts)
     )
+
+
+# --------------------------------------------------------------------------------------
+# Audio Sync Guidance on core ComfyUI models (AVSyncAudioSyncGuidanceModel)
+# --------------------------------------------------------------------------------------
+
+def core_audio_layers(model):
+    """The audio layers of a core ``MODEL`` (a ``ModelPatcher``), or None
+    (``samplers/asg_comfy.py:find_core_audio_layers``)."""
+    from .samplers.asg_comfy import find_core_audio_layers
+
+    return find_core_audio_layers(model.get_model_object("diffusion_model"))
+
+
+def patch_audio_sync_guidance(model, settings, calc_cond_batch=None, apply_model_wrapper_type=None):
+    """A clone of core ``MODEL`` ``model`` sampling with Audio Sync Guidance (math in
+    ``samplers/asg_comfy.py``). ``ModelPatcher`` API used: ``get_model_object``, ``clone``,
+    ``add_object_patch``, ``add_wrapper_with_key`` (``WrappersMP.APPLY_MODEL``),
+    ``set_model_sampler_calc_cond_batch_function``, ``set_model_sampler_post_cfg_function``;
+    core's ``comfy.samplers.calc_cond_batch``. The two last arguments replace core's pieces
+    in tests. Raises ``ValueError`` for a model without audio layers."""
+    from .samplers.asg_comfy import AudioSyncHook, plan_core_patch
+
+    sampling = model.get_model_object("model_sampling")
+    batched = "sampler_calc_cond_batch_function" not in model.model_options
+    hook = AudioSyncHook(settings, calc_cond_batch, sampling.percent_to_sigma(settings.start),
+                         sampling.percent_to_sigma(settings.end), batched=batched)
+    patches = plan_core_patch(settings, model.get_model_object("diffusion_model"), model.get_model_object, hook)
+    if calc_cond_batch is None or apply_model_wrapper_type is None:
+        samplers, extension = _comfy_module("comfy.samplers"), _comfy_module("comfy.patcher_extension")
+        if samplers is None or extension is None:
+            raise RuntimeError("Audio Sync Guidance on a core MODEL needs a running ComfyUI")
+        hook.calc_cond_batch = calc_cond_batch or samplers.calc_cond_batch
+        apply_model_wrapper_type = apply_model_wrapper_type or extension.WrappersMP.APPLY_MODEL
+    patched = model.clone()
+    for name, forward in patches.items():
+        patched.add_object_patch(name, forward)
+    patched.add_wrapper_with_key(apply_model_wrapper_type, "avsync_audio_sync_guidance", hook.apply_model_wrapper)
+    if batched:
+        patched.set_model_sampler_calc_cond_batch_function(hook.calc_cond_batch_function)
+    patched.set_model_sampler_post_cfg_function(hook.post_cfg_function)
+    return patched, hook

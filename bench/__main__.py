@@ -41,6 +41,8 @@ PLANS = {
     "bench_keyvid_models": (["--sizes", "S", "--skip-unet-forward"], ["--skip-unet-forward"], None),
     "bench_keyvid_unet": (["--frames", "4"], ["--repeats", "3"], ["--real", "--device", "cuda", "--repeats", "3"]),
     "bench_sampling_core": (["--repeats", "2"], [], ["--device", "cuda"]),
+    "bench_asg": (["--frames", "2", "--height", "8", "--width", "8", "--repeats", "1", "--steps", "2"], [],
+                  ["--device", "cuda", "--real", "--frames", "12", "--height", "40", "--width", "64"]),
 }
 
 

@@ -84,7 +84,15 @@ class _KeyVIDLoader:
         if loaded is None:
             loaded = _cache[key] = load_keyvid(path, precision, role=self.ROLE,
                                                search=lambda name: compat.find_model_file(FOLDER, name))
-        return (loaded,)
+        return {"ui": {"text": [_audio_layers_text(loaded)]}, "result": (loaded,)}
+
+
+def _audio_layers_text(model) -> str:
+    """Shown on the node (web/js/avsync_sync_report.js): what AVSyncAudioSyncGuidance's 'layers' can pick."""
+    from ..networks.audio_layers import list_audio_layers
+
+    n = len(list_audio_layers(model.unet.module))
+    return f"{model.role} UNet: {n} audio layers (Audio Sync Guidance 'layers': 0-{n - 1}, shallow to deep)"
 
 
 class AVSyncKeyVIDGeneratorLoader(_KeyVIDLoader):

@@ -4,6 +4,7 @@ users' workflows, so never rename one."""
 # core ComfyUI types
 AUDIO = "AUDIO"
 IMAGE = "IMAGE"
+MODEL = "MODEL"                         # a core diffusion model (ModelPatcher)
 
 # AVSync types
 TIMELINE = "AVSYNC_TIMELINE"            # core.timeline.Timeline

@@ -325,12 +325,17 @@ def interpolator_family(unet, cond: Conditioning, keyframe_latents: torch.Tensor
 # Guidance: MultiConditionCFG, optionally wrapped by an AVSYNC_GUIDANCE object
 # --------------------------------------------------------------------------------------
 
-def apply_guidance(inner: LinearGuidance, guidance=None):
+def apply_guidance(inner: LinearGuidance, guidance=None, net=None, what: str = "the model"):
     """The guidance object a run uses. ``guidance`` is an ``AVSYNC_GUIDANCE`` value (Audio Sync
     Guidance settings) or None: anything with ``wrap(inner) -> Guidance`` (e.g. building
     :class:`~avsync.samplers.core.guidance.AudioSyncGuidance` around ``inner`` with its
     ``w_a``/``start``/``end`` and an ``audio_layers_off`` patch). None, or ``w_a == 0``: ``inner``
-    itself, so the output is bit-identical to a run without guidance."""
+    itself, so the output is bit-identical to a run without guidance. With ``net``, a guidance
+    object's ``check(net, "guidance", what)`` runs first (ASG: the network has the chosen audio
+    layers), so a model without audio layers fails before any work."""
+    check = getattr(guidance, "check", None)
+    if check is not None and net is not None:
+        check(net, "guidance", what)
     if guidance is None or float(getattr(guidance, "w_a", 1.0)) == 0.0:
         return inner
     wrap = getattr(guidance, "wrap", None)
@@ -535,7 +540,7 @@ def generate_keyframes(model, first_image: torch.Tensor, waveform: torch.Tensor,
     noise = noise if noise is not None else SeededNoise(settings.seed)
     est = _check_memory(model, settings, len(idx), free_bytes)
     inner = settings.guidance()
-    guide = apply_guidance(inner, guidance)
+    guide = apply_guidance(inner, guidance, model.unet.module, "the KeyVID generator UNet")
     solver = DDIMV(DiffusionSchedule.keyvid(), settings.steps, settings.eta)
     progress = _progress(progress, solver.evaluations(), "AVSync keyframes")
 
@@ -590,7 +595,7 @@ def interpolate_motion(model, keyframe_latents: torch.Tensor, keyframe_indices: 
                                       f"{settings.height} px ({c} × {h} × {w} latents)")
     noise = noise if noise is not None else SeededNoise(settings.seed)
     est = _check_memory(model, settings, CLIP_FRAMES, free_bytes)
-    guide = apply_guidance(settings.guidance(), guidance)
+    guide = apply_guidance(settings.guidance(), guidance, model.unet.module, "the KeyVID interpolator UNet")
     solver = DDIMV(DiffusionSchedule.keyvid(), settings.steps, settings.eta,
                    keyframes=KeyframeReplacement(kf, idx, until_step=settings.inpainting_end_step))
     progress = _progress(progress, solver.evaluations(), "AVSync interpolation")

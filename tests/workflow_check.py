@@ -80,7 +80,8 @@ def _is_file_list(spec, options: list) -> bool:
     _, opts = _type_and_opts(spec)
     if any(k.endswith("_upload") for k in opts):
         return True
-    real = [o for o in options if isinstance(o, str) and not o.startswith("(")]
+    # VAELoader lists "pixel_space" next to the VAE files (nodes.py:VAELoader.vae_list): not a file
+    real = [o for o in options if isinstance(o, str) and not o.startswith("(") and o != "pixel_space"]
     return not real or all(o.lower().endswith(FILE_EXTENSIONS) or "/" in o for o in real)
 
 
