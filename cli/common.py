@@ -294,3 +294,64 @@ def save_audio_file(path: str | Path, audio: dict, bits: int = 16) -> None:
 
     wav, sr = check_audio(audio, "audio")
     encode_wav(path, wav.numpy(), sr, bits=bits)
+
+
+# --------------------------------------------------------------------------------------
+# Images in, videos out
+# --------------------------------------------------------------------------------------
+
+def load_image(path) -> "torch.Tensor":
+    """An image file as IMAGE ``[1, H, W, 3]`` (0..1), as core LoadImage gives it."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    try:
+        img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    except (OSError, ValueError) as err:
+        raise InputError(str(path), f"cannot read the image ({err})") from None
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
+def write_mp4(path, frames, fps, audio: Optional[dict] = None) -> None:
+    """IMAGE ``[F, H, W, 3]`` → H.264 mp4 (yuv420p, crf 18) with PyAV; with ``audio`` (AUDIO) also an
+    AAC track, cut to the video's length (F / fps) so that both streams end together."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    rgb = (frames.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    h, w = rgb.shape[1:3]
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height = w - w % 2, h - h % 2
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18"}
+        sound = None
+        if audio is not None:
+            from ..core.audio import check_audio
+
+            wav, sr = check_audio(audio, "audio")
+            wav = wav[..., : int(round(len(rgb) / float(rate) * sr))]
+            if wav.shape[0] > 2:   # AAC here is mono or stereo
+                wav = wav.mean(0, keepdim=True)
+            sound = out.add_stream("aac", rate=sr, layout="stereo" if wav.shape[0] == 2 else "mono")
+        for f in rgb:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f[: stream.height, : stream.width]), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+        if sound is not None:
+            samples = np.ascontiguousarray(wav.float().numpy())
+            chunk = sound.codec_context.frame_size or 1024
+            for start in range(0, samples.shape[1], chunk):
+                frame = av.AudioFrame.from_ndarray(samples[:, start:start + chunk], format="fltp",
+                                                   layout=sound.layout.name)
+                frame.sample_rate, frame.pts = sr, start
+                for packet in sound.encode(frame):
+                    out.mux(packet)
+            for packet in sound.encode():
+                out.mux(packet)
