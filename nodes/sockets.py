@@ -16,3 +16,4 @@ SVD_BACKWARD = "AVSYNC_SVD_BACKWARD"
 SYNC_REPORT = "AVSYNC_SYNC_REPORT"      # core.sync_metrics.SyncReport
 KEYVID_MODEL = "AVSYNC_KEYVID_MODEL"              # loaders.keyvid.KeyVIDModel with role "generator"
 KEYVID_INTERP_MODEL = "AVSYNC_KEYVID_INTERP_MODEL"  # loaders.keyvid.KeyVIDModel with role "interpolator"
+KEYVID_KEYFRAMES = "AVSYNC_KEYVID_KEYFRAMES"      # samplers.keyvid.KeyVIDKeyframes (generator → interpolator)
