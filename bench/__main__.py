@@ -34,6 +34,8 @@ PLANS = {
     "bench_inbetween": (["--repeats", "1"], [], ["--device", "cuda", "--real-config"]),
     "bench_svd_loading": ([], [], ["--size", "real"]),
     "bench_sync_score": (["--quick"], [], None),
+    "bench_keyvid": (["--only", "estimate"], ["--mem-height", "160", "--mem-width", "256"],
+                     ["--device", "cuda", "--real-config"]),
 }
 
 

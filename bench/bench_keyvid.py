@@ -136,8 +136,8 @@ def _mem_sizes(channels: int):
 
     vae = {"embed_dim": 4, "ddconfig": dict(fk.TINY_VAE["ddconfig"], ch=32, ch_mult=[1, 2, 4, 4])}
     unet = released_unet_params("generator", channels)
-    unet.update(context_dim=fk.TINY_UNET["context_dim"], num_head_channels=16)
-    return fk.Sizes(unet=unet, vae=vae, text=TINY_SIZES.text)
+    unet.update(context_dim=TINY_SIZES.unet["context_dim"], num_head_channels=16)
+    return fk.Sizes(unet=unet, vae=vae, text=TINY_SIZES.text, image_proj=TINY_SIZES.image_proj, audio=TINY_SIZES.audio)
 
 
 def _write_mem_models(folder: Path, channels: int):

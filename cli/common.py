@@ -35,9 +35,11 @@ def node_class(node_id: str):
     return NODE_CLASS_MAPPINGS[node_id]
 
 
-def run_node(node_id: str, **inputs: Any) -> tuple:
-    """Run a node the way ComfyUI's executor does: defaults for widgets that were not
-    given, ``VALIDATE_INPUTS`` first, then ``FUNCTION``. Returns the output tuple."""
+def validate_node_inputs(node_id: str, inputs: dict) -> dict:
+    """What ComfyUI's executor does before running a node: defaults for widgets that were not given
+    (filled into ``inputs``), then ``VALIDATE_INPUTS``; a refusal is a :class:`NodeValidationError`.
+    Sockets that are not given yet are simply not passed (a command can check the widget values of
+    a later node before the expensive work of an earlier one)."""
     cls = node_class(node_id)
     spec = cls.INPUT_TYPES()
     for section in ("required", "optional"):
@@ -60,6 +62,14 @@ def run_node(node_id: str, **inputs: Any) -> tuple:
             ok = validate(**{k: v for k, v in inputs.items() if k in params})
         if ok is not True:
             raise NodeValidationError(node_id, ok)
+    return inputs
+
+
+def run_node(node_id: str, **inputs: Any) -> tuple:
+    """Run a node the way ComfyUI's executor does: defaults for widgets that were not
+    given, ``VALIDATE_INPUTS`` first, then ``FUNCTION``. Returns the output tuple."""
+    cls = node_class(node_id)
+    validate_node_inputs(node_id, inputs)
     shown = {k: v for k, v in inputs.items() if isinstance(v, (int, float, str, bool)) or v is None}
     log.info("%s: %s", node_id, ", ".join(f"{k}={v!r}" for k, v in shown.items()))
     start = time.perf_counter()
@@ -328,7 +338,9 @@ def write_mp4(path, frames, fps, audio: Optional[dict] = None) -> None:
         stream = out.add_stream("libx264", rate=rate)
         stream.width, stream.height = w - w % 2, h - h % 2
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18"}
+        # one encoder thread: x264's threaded encodes of the same frames were seen to differ between runs
+        # here, and the same seed must give the same file
+        stream.options = {"crf": "18", "threads": "1"}
         sound = None
         if audio is not None:
             from ..core.audio import check_audio

@@ -21,7 +21,14 @@ from pathlib import Path
 from . import keyvid as fk
 
 CLIP_VOCAB_SIZE = 49408            # <|startoftext|> = 49406, <|endoftext|> = 49407
-TINY_SIZES = fk.Sizes(text=dict(fk.TEXT, vocab=CLIP_VOCAB_SIZE))
+# widths that meet where the real model's do, so the whole pipeline runs: text width = context_dim (64),
+# a 48-frame image Resampler (keyframe indices up to 47), 768-wide ImageBind audio tokens, an 8x VAE; the text
+# embedding holds every id of CLIP's vocabulary
+TINY_SIZES = fk.Sizes(unet=dict(fk.TINY_UNET, context_dim=64),
+                      image_proj=dict(fk.TINY_IMAGE_PROJ, video_length=48, output_dim=64),
+                      text=dict(fk.TEXT, vocab=CLIP_VOCAB_SIZE), audio=dict(width=768, layers=1),
+                      # the released VAE's 8x downsampling (4 levels), so 64 px frames are 8 x 8 latents
+                      vae={"embed_dim": 4, "ddconfig": dict(fk.TINY_VAE["ddconfig"], ch_mult=[1, 1, 1, 1])})
 
 
 def _bytes_to_unicode() -> list[str]:
