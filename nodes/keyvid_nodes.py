@@ -17,18 +17,10 @@ from ..samplers.keyvid import (
     check_timeline_keyframes,
     generate_keyframes,
 )
+from .inbetween_nodes import _keyframe
 from .sockets import AUDIO, GUIDANCE, IMAGE, KEYFRAMES, KEYVID_INTERP_MODEL, KEYVID_KEYFRAMES, KEYVID_MODEL
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
-
-def _first_image(image) -> torch.Tensor:
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[0] < 1 or image.shape[-1] not in (3, 4):
-        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise InputError("image", f"expected an IMAGE [batch, height, width, 3], got {shape}")
-    if image.shape[1] < 8 or image.shape[2] < 8:
-        raise InputError("image", f"image of {image.shape[2]}×{image.shape[1]} px is too small")
-    return image[0, :, :, :3].float()
 
 
 def _check_model(model, role: str, name: str) -> None:
@@ -138,7 +130,7 @@ class AVSyncKeyframeGenerator:
         if model is None:
             raise InputError("model", "expected a KeyVID generator model from AVSyncKeyVIDGeneratorLoader")
         _check_keyframes(keyframes, audio)
-        first = _first_image(image)
+        first = _keyframe(image, "image", 0)
         wav, sr = check_audio(audio)
         settings = KeyframeSettings(steps=int(steps), eta=float(eta), cfg_img=float(cfg_img), cfg_txt=float(cfg_txt),
                                     cfg_aud=float(cfg_aud), seed=int(seed), width=int(width), height=int(height)).validate()

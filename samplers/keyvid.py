@@ -291,6 +291,36 @@ class KeyVIDBranches:
         return w
 
 
+def generator_family(unet, cond: Conditioning, first_latent: torch.Tensor, indices: Sequence[int],
+                     fs: int = 6) -> KeyVIDBranches:
+    """The generator's branches (``…_keyframe_add_idx.py:image_guided_synthesis``): context
+    ``[text; image tokens of the keyframes]`` (``select_keyframes``), audio chunk = frame index
+    (``generator_audio_tokens``), ``c_concat`` = ``first_latent`` ``[1, 4, h, w]`` (scaled)
+    repeated over the K keyframes, ``frame_idx`` = the keyframes' 24-fps indices."""
+    frame_idx = torch.tensor([list(indices)], dtype=torch.long)
+    c_concat = first_latent.unsqueeze(2).repeat(1, 1, len(indices), 1, 1)
+    return KeyVIDBranches(
+        unet, cond.text, cond.null_text,
+        tokens.generator_image_tokens(cond.image, frame_idx), tokens.generator_image_tokens(cond.null_image, frame_idx),
+        tokens.generator_audio_tokens(cond.audio, frame_idx), tokens.generator_audio_tokens(cond.null_audio, frame_idx),
+        c_concat, fs, frame_idx)
+
+
+def interpolator_family(unet, cond: Conditioning, keyframe_latents: torch.Tensor, indices: Sequence[int],
+                        fs: int = 24, frames: int = CLIP_FRAMES) -> KeyVIDBranches:
+    """The interpolator's branches (``…_freenoise_inpainting_new.py:image_guided_synthesis``): all
+    48×16 image tokens, audio chunks resampled 52 → 48, ``c_concat`` zeros ``[1, 4, 48, h, w]`` with
+    ``keyframe_latents`` ``[1, 4, K, h, w]`` at ``indices``, ``frame_idx`` 0…47 (unused by its UNet)."""
+    b, c, _, h, w = keyframe_latents.shape
+    c_concat = torch.zeros(1, c, frames, h, w)
+    c_concat[:, :, list(indices)] = keyframe_latents.float()
+    return KeyVIDBranches(
+        unet, cond.text, cond.null_text,
+        tokens.interpolator_image_tokens(cond.image, frames), tokens.interpolator_image_tokens(cond.null_image, frames),
+        tokens.interpolator_audio_tokens(cond.audio, frames), tokens.interpolator_audio_tokens(cond.null_audio, frames),
+        c_concat, fs, torch.arange(frames).view(1, -1))
+
+
 # --------------------------------------------------------------------------------------
 # Guidance: MultiConditionCFG, optionally wrapped by an AVSYNC_GUIDANCE object
 # --------------------------------------------------------------------------------------
@@ -462,6 +492,11 @@ def decode_clip(model, latents: torch.Tensor, chunk: int) -> torch.Tensor:
         model.vae.offload()
 
 
+def _extra(model, est: MemoryEstimate) -> int:
+    """What ComfyUI must keep free besides the UNet's weights while it samples."""
+    return max(0, est.sampling - module_bytes(model.unet.module, buffers=False))
+
+
 def _progress(progress, total: int, desc: str):
     return progress if progress is not None else compat.Progress(total, desc)
 
@@ -498,7 +533,7 @@ def generate_keyframes(model, first_image: torch.Tensor, waveform: torch.Tensor,
     _check_role(model, "generator", "model")
     idx = check_keyframe_indices(keyframe_indices)
     noise = noise if noise is not None else SeededNoise(settings.seed)
-    _check_memory(model, settings, len(idx), free_bytes)
+    est = _check_memory(model, settings, len(idx), free_bytes)
     inner = settings.guidance()
     guide = apply_guidance(inner, guidance)
     solver = DDIMV(DiffusionSchedule.keyvid(), settings.steps, settings.eta)
@@ -506,7 +541,6 @@ def generate_keyframes(model, first_image: torch.Tensor, waveform: torch.Tensor,
 
     first = prepare_first_frame(first_image, settings.width, settings.height)
     cond = encode_conditions(model, first, clip_audio_16k(waveform, sample_rate, audio_start_s), prompt, tokenizer)
-    frame_idx = torch.tensor([idx], dtype=torch.long)
     c, h, w = _latent_hw(model, settings)
     try:
         vae = model.vae.load()
@@ -516,15 +550,10 @@ def generate_keyframes(model, first_image: torch.Tensor, waveform: torch.Tensor,
         z0 = (post.mean.float() + post.std.float() * noise.conditioning(post.mean.shape).to(dev)) * model.scale_factor
     finally:
         model.vae.offload()
-    c_concat = z0.unsqueeze(2).repeat(1, 1, len(idx), 1, 1)
     initial = noise.initial((1, c, len(idx), h, w))
     try:
-        unet = model.unet.load()
-        family = KeyVIDBranches(
-            unet, cond.text, cond.null_text,
-            tokens.generator_image_tokens(cond.image, frame_idx), tokens.generator_image_tokens(cond.null_image, frame_idx),
-            tokens.generator_audio_tokens(cond.audio, frame_idx), tokens.generator_audio_tokens(cond.null_audio, frame_idx),
-            c_concat, settings.fs, frame_idx)
+        unet = model.unet.load(memory_required=_extra(model, est))
+        family = generator_family(unet, cond, z0, idx, settings.fs)
         latents = _sample(model, family, guide, settings, noise, initial, solver, progress, trace)
     finally:
         model.unet.offload()
@@ -560,7 +589,7 @@ def interpolate_motion(model, keyframe_latents: torch.Tensor, keyframe_indices: 
         raise InputError("keyframes", f"keyframe latents {tuple(kf.shape)} do not match {settings.width}×"
                                       f"{settings.height} px ({c} × {h} × {w} latents)")
     noise = noise if noise is not None else SeededNoise(settings.seed)
-    _check_memory(model, settings, CLIP_FRAMES, free_bytes)
+    est = _check_memory(model, settings, CLIP_FRAMES, free_bytes)
     guide = apply_guidance(settings.guidance(), guidance)
     solver = DDIMV(DiffusionSchedule.keyvid(), settings.steps, settings.eta,
                    keyframes=KeyframeReplacement(kf, idx, until_step=settings.inpainting_end_step))
@@ -572,17 +601,10 @@ def interpolate_motion(model, keyframe_latents: torch.Tensor, keyframe_indices: 
     else:
         first = prepare_first_frame(first_image, settings.width, settings.height)
     cond = encode_conditions(model, first, clip_audio_16k(waveform, sample_rate, audio_start_s), prompt, tokenizer)
-    c_concat = torch.zeros(1, c, CLIP_FRAMES, h, w)
-    c_concat[:, :, idx] = kf
-    frame_idx = torch.arange(CLIP_FRAMES).view(1, -1)
     initial = anchor_interpolated_noise(noise.initial((1, c, CLIP_FRAMES, h, w)), idx)
     try:
-        unet = model.unet.load()
-        family = KeyVIDBranches(
-            unet, cond.text, cond.null_text,
-            tokens.interpolator_image_tokens(cond.image), tokens.interpolator_image_tokens(cond.null_image),
-            tokens.interpolator_audio_tokens(cond.audio), tokens.interpolator_audio_tokens(cond.null_audio),
-            c_concat, settings.fs, frame_idx)
+        unet = model.unet.load(memory_required=_extra(model, est))
+        family = interpolator_family(unet, cond, kf, idx, settings.fs)
         predict = None
         if settings.window == "freenoise":
             predict = windowed_predictor(family, guide, solver.steps, settings.batched,
