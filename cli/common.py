@@ -350,10 +350,9 @@ def write_mp4(path, frames, fps, audio: Optional[dict] = None) -> None:
                 wav = wav.mean(0, keepdim=True)
             sound = out.add_stream("aac", rate=sr, layout="stereo" if wav.shape[0] == 2 else "mono")
         for i, f in enumerate(rgb):
-            # the same frames must give the same file (same seed, same video). Two things made them differ
-            # from one run to the next here: frames without timestamps (x264's rate control reads them) and
-            # PyAV/swscale's RGB → YUV conversion (cause not pinned down); with both done here they did not
-            frame = av.VideoFrame.from_ndarray(_yuv420p(f[:h, :w]), format="yuv420p")
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:h, :w]), format="rgb24")
+            # explicit timestamps (x264's rate control reads them); even so, the same frames encoded in two
+            # runs of one process were seen to give different files here: equal frames, not equal bytes
             frame.pts, frame.time_base = i, 1 / rate
             for packet in stream.encode(frame):
                 out.mux(packet)
@@ -371,21 +370,3 @@ def write_mp4(path, frames, fps, audio: Optional[dict] = None) -> None:
             for packet in sound.encode():
                 out.mux(packet)
 
-
-def _yuv420p(rgb) -> "np.ndarray":
-    """RGB uint8 ``[H, W, 3]`` (even H, W) → planar YUV 4:2:0 ``[H·3/2, W]``: BT.601 limited range, chroma
-    averaged over 2 × 2 — what swscale's default conversion computes, in plain numpy."""
-    import numpy as np
-
-    x = rgb.astype(np.float64) / 255.0
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    y = 16 + 65.481 * r + 128.553 * g + 24.966 * b
-    cb = 128 - 37.797 * r - 74.203 * g + 112.0 * b
-    cr = 128 + 112.0 * r - 93.786 * g - 18.214 * b
-    h, w = y.shape
-
-    def half(c):
-        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
-
-    planes = [y.reshape(-1), half(cb).reshape(-1), half(cr).reshape(-1)]
-    return np.clip(np.round(np.concatenate(planes)), 0, 255).astype(np.uint8).reshape(h * 3 // 2, w)

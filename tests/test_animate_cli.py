@@ -60,14 +60,34 @@ def test_same_seed_same_video_and_the_audio_is_muxed(inputs):
                          precision="fp32"))
     finally:
         compat.set_models_dir(None)
+    # the frames the command hands to the encoder; x264 itself was seen to encode equal frames into
+    # different bytes from one run to the next in this process, so the promise is checked on these
+    import avsync.cli.common as common
+
+    encoded, write = [], common.write_mp4
+
+    def keep(path, frames, fps, audio=None):
+        encoded.append(frames.clone())
+        return write(path, frames, fps, audio)
+
     d = inputs["dir"]
-    assert main(_argv(inputs, d / "a.mp4", "--seed", "3")) == 0
-    assert main(_argv(inputs, d / "b.mp4", "--seed", "3")) == 0
+    try:
+        common.write_mp4 = keep
+        assert main(_argv(inputs, d / "a.mp4", "--seed", "3")) == 0
+        assert main(_argv(inputs, d / "b.mp4", "--seed", "3")) == 0
+    finally:
+        common.write_mp4 = write
     del held
+    import torch
+
+    assert torch.equal(encoded[0], encoded[1])            # same seed: bit-identical frames
     a, audio, rate = _decode(d / "a.mp4")
     b, _, _ = _decode(d / "b.mp4")
+    assert a.shape == b.shape
     assert a.shape == (48, 64, 64, 3) and rate == 24       # one 2-s clip at 24 fps
-    assert np.array_equal(a, b)                            # same seed: bit-identical frames
+    # the file holds those frames: H.264 crf 18 + 4:2:0 chroma of random-weight, noise-like 64 px frames
+    # (measured mean error 16.4 of 255; consecutive frames of such a video differ by ~50)
+    assert np.abs(a.astype(float) - encoded[0].numpy() * 255).mean() < 32
     assert a.std() > 10 and np.abs(np.diff(a.astype(int), axis=0)).mean() > 1   # not a constant picture
     codec, sr, samples = audio
     assert codec == "aac" and sr == 16000 and abs(samples - 32000) <= 2048   # 2 s (+ AAC priming/padding)
