@@ -43,6 +43,8 @@ PLANS = {
     "bench_sampling_core": (["--repeats", "2"], [], ["--device", "cuda"]),
     "bench_asg": (["--frames", "2", "--height", "8", "--width", "8", "--repeats", "1", "--steps", "2"], [],
                   ["--device", "cuda", "--real", "--frames", "12", "--height", "40", "--width", "64"]),
+    "bench_keyvid": (["--only", "estimate"], ["--mem-height", "160", "--mem-width", "256"],
+                     ["--device", "cuda", "--real-config"]),
 }
 
 

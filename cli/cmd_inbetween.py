@@ -4,9 +4,6 @@ workflow runs (AVSyncDualDirectionalSampler)."""
 
 from __future__ import annotations
 
-from fractions import Fraction
-from pathlib import Path
-
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".m4v"}
 
@@ -30,42 +27,6 @@ def register(sub) -> None:
     add_node_arguments(p, "AVSyncDualDirectionalSampler", title="sampling (AVSyncDualDirectionalSampler)")
     set_input_flags(p, {"first_image": "--first", "last_image": "--last", "svd_model": "--svd"})
     p.set_defaults(func=run)
-
-
-def load_image(path) -> "torch.Tensor":
-    """An image file as IMAGE ``[1, H, W, 3]`` (0..1), as core LoadImage gives it."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps
-
-    from ..core.errors import InputError
-
-    try:
-        img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
-    except (OSError, ValueError) as err:
-        raise InputError(str(path), f"cannot read the image ({err})") from None
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
-
-
-def write_mp4(path, frames, fps) -> None:
-    """IMAGE ``[F, H, W, 3]`` → H.264 mp4 (yuv420p, crf 18) with PyAV."""
-    import av
-    import numpy as np
-
-    path = Path(path)
-    rgb = (frames.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    h, w = rgb.shape[1:3]
-    with av.open(str(path), mode="w") as out:
-        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        stream.width, stream.height = w - w % 2, h - h % 2
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18"}
-        for f in rgb:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f[: stream.height, : stream.width]), format="rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
 
 
 def _load_models(args, variant: str):
@@ -97,7 +58,8 @@ def _load_models(args, variant: str):
 
 
 def run(args) -> int:
-    from .common import check_input_file, check_output_dir, check_output_file, run_node, staged_outputs
+    from .common import (check_input_file, check_output_dir, check_output_file, load_image, run_node, staged_outputs,
+                         write_mp4)
     from .schema_args import node_inputs_from_args
 
     force = bool(getattr(args, "force", False))

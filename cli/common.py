@@ -35,9 +35,11 @@ def node_class(node_id: str):
     return NODE_CLASS_MAPPINGS[node_id]
 
 
-def run_node(node_id: str, **inputs: Any) -> tuple:
-    """Run a node the way ComfyUI's executor does: defaults for widgets that were not
-    given, ``VALIDATE_INPUTS`` first, then ``FUNCTION``. Returns the output tuple."""
+def validate_node_inputs(node_id: str, inputs: dict) -> dict:
+    """What ComfyUI's executor does before running a node: defaults for widgets that were not given
+    (filled into ``inputs``), then ``VALIDATE_INPUTS``; a refusal is a :class:`NodeValidationError`.
+    Sockets that are not given yet are simply not passed (a command can check the widget values of
+    a later node before the expensive work of an earlier one)."""
     cls = node_class(node_id)
     spec = cls.INPUT_TYPES()
     for section in ("required", "optional"):
@@ -60,6 +62,14 @@ def run_node(node_id: str, **inputs: Any) -> tuple:
             ok = validate(**{k: v for k, v in inputs.items() if k in params})
         if ok is not True:
             raise NodeValidationError(node_id, ok)
+    return inputs
+
+
+def run_node(node_id: str, **inputs: Any) -> tuple:
+    """Run a node the way ComfyUI's executor does: defaults for widgets that were not
+    given, ``VALIDATE_INPUTS`` first, then ``FUNCTION``. Returns the output tuple."""
+    cls = node_class(node_id)
+    validate_node_inputs(node_id, inputs)
     shown = {k: v for k, v in inputs.items() if isinstance(v, (int, float, str, bool)) or v is None}
     log.info("%s: %s", node_id, ", ".join(f"{k}={v!r}" for k, v in shown.items()))
     start = time.perf_counter()
@@ -294,3 +304,69 @@ def save_audio_file(path: str | Path, audio: dict, bits: int = 16) -> None:
 
     wav, sr = check_audio(audio, "audio")
     encode_wav(path, wav.numpy(), sr, bits=bits)
+
+
+# --------------------------------------------------------------------------------------
+# Images in, videos out
+# --------------------------------------------------------------------------------------
+
+def load_image(path) -> "torch.Tensor":
+    """An image file as IMAGE ``[1, H, W, 3]`` (0..1), as core LoadImage gives it."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    try:
+        img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+    except (OSError, ValueError) as err:
+        raise InputError(str(path), f"cannot read the image ({err})") from None
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
+def write_mp4(path, frames, fps, audio: Optional[dict] = None) -> None:
+    """IMAGE ``[F, H, W, 3]`` → H.264 mp4 (yuv420p, crf 18) with PyAV; with ``audio`` (AUDIO) also an
+    AAC track, cut to the video's length (F / fps) so that both streams end together."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    rgb = (frames.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    h, w = rgb.shape[1:3]
+    h, w = h - h % 2, w - w % 2
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18"}
+        sound = None
+        if audio is not None:
+            from ..core.audio import check_audio
+
+            wav, sr = check_audio(audio, "audio")
+            wav = wav[..., : int(round(len(rgb) / float(rate) * sr))]
+            if wav.shape[0] > 2:   # AAC here is mono or stereo
+                wav = wav.mean(0, keepdim=True)
+            sound = out.add_stream("aac", rate=sr, layout="stereo" if wav.shape[0] == 2 else "mono")
+        for i, f in enumerate(rgb):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:h, :w]), format="rgb24")
+            # explicit timestamps (x264's rate control reads them); even so, the same frames encoded in two
+            # runs of one process were seen to give different files here: equal frames, not equal bytes
+            frame.pts, frame.time_base = i, 1 / rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+        if sound is not None:
+            samples = np.ascontiguousarray(wav.float().numpy())
+            chunk = sound.codec_context.frame_size or 1024
+            for start in range(0, samples.shape[1], chunk):
+                frame = av.AudioFrame.from_ndarray(samples[:, start:start + chunk], format="fltp",
+                                                   layout=sound.layout.name)
+                frame.sample_rate, frame.pts = sr, start
+                for packet in sound.encode(frame):
+                    out.mux(packet)
+            for packet in sound.encode():
+                out.mux(packet)
+

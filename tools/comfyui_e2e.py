@@ -8,7 +8,9 @@ pack in its custom_nodes folder (e.g. ``python main.py --cpu --port 8199``)::
 
 ``--tiny-models ComfyUI/models`` first writes tiny random-weight models (the test
 factories') where ``tools/e2e/*_tiny_models.json`` expect them, so workflows that need
-model files run end to end without real weights (the output is noise, the wiring is real).
+model files run end to end without real weights (the output is noise, the wiring is real):
+a tiny SVD-XT + backward ΔW, and tiny KeyVID generator + interpolator files converted by
+``avsync convert keyvid``'s code into ``models/avsync/keyvid`` (tests/factories/keyvid_files.py).
 
 It copies the example inputs into ComfyUI's input folder, posts
 each workflow to ``/prompt``, waits for it in ``/history`` and prints what each output
@@ -80,6 +82,11 @@ def main(argv=None) -> int:
 
         save_tiny_svd_single_file(args.tiny_models / "checkpoints" / "avsync_tiny_svd.safetensors")
         save_tiny_backward_delta(args.tiny_models / "avsync" / "svd_backward" / "avsync_tiny_delta.safetensors")
+        # KeyVID generator + interpolator, converted by the real converter into models/avsync/keyvid
+        # (default file names); inside ComfyUI the prompt tokenizer is ComfyUI's own comfy/sd1_tokenizer
+        from tests.factories.keyvid_files import write_tiny_keyvid_models
+
+        write_tiny_keyvid_models(args.tiny_models)
     failed = 0
     for wf in args.workflows:
         ok, entry = run_workflow(args.url.rstrip("/"), wf, args.timeout)
