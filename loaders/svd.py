@@ -286,7 +286,21 @@ class BackwardMotionDelta:
 
 
 
+def _import_model_libraries() -> None:
+    """Import the diffusers / transformers model modules before a meta-device build.
+
+    Their modules load lazily on first use, and transformers' CLIP code pulls in torchaudio
+    (when installed) as it does: inside ``torch.device("meta")`` every tensor those imports
+    create at module level lands on the meta device for the rest of the process (torchaudio's
+    ``compliance.kaldi.EPSILON``: every later kaldi fbank call in ComfyUI, ours or another
+    pack's, would fail). Importing them outside the context creates those tensors normally."""
+    import diffusers.models  # noqa: F401
+    from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection  # noqa: F401
+
+
 def _meta_module(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    _import_model_libraries()
     with torch.device("meta"):
         return build()
 

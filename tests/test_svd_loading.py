@@ -453,3 +453,29 @@ def test_auto_precision_by_device():
     assert svd.auto_precision(torch.device("cuda")) == "fp16"
     assert svd.auto_precision(torch.device("mps")) == "bf16"
     assert svd.auto_precision(torch.device("cpu")) == "fp32"
+
+
+def test_meta_device_build_leaves_library_module_constants_on_the_cpu():
+    """A meta-device build must not be where transformers / diffusers are first imported:
+    their lazy imports (torchaudio's kaldi constants, via transformers' CLIP) would create
+    module-level tensors on the meta device for the rest of the process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import importlib.util, sys
+        from avsync.loaders.svd import _meta_module
+        from transformers import CLIPTextConfig
+        import transformers
+        m = _meta_module(lambda: transformers.CLIPTextModel(CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)))
+        assert next(m.parameters()).device.type == "meta"
+        if importlib.util.find_spec("torchaudio") is None:
+            print("no torchaudio"); sys.exit(0)
+        import torchaudio.compliance.kaldi as kaldi
+        print(kaldi.EPSILON.device.type)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() in ("cpu", "no torchaudio"), out.stdout
