@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-# Imported here, outside the loader's meta-device context: diffusers' first import pulls in
-# transformers.audio_utils → torchaudio, whose compliance.kaldi makes a module-level tensor that
-# would otherwise be created on the meta device (loaders/svd.py:_meta_module) and break later
-# users of torchaudio's kaldi fbank (tests/test_keyframes_learned.py). Reported to the lead.
-from diffusers import AutoencoderKL  # noqa: F401,E402
 
 from avsync.core.errors import InputError
 from avsync.loaders import keyvid as loaders

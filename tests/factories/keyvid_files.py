@@ -64,10 +64,6 @@ def write_tiny_keyvid_models(models_dir, dtype: str = "fp32", seed: int = 0, tok
 
     Returns ``{"folder", "generator", "interpolator", "tokenizer"}`` (paths). Existing identical
     files are kept (the converter compares them), so calling it twice is cheap to reason about."""
-    # transformers' CLIP modules import torchaudio (when installed) lazily; if that first import happens inside
-    # the loader's meta-device build, torchaudio.compliance.kaldi's module-level EPSILON is made on the meta
-    # device and every later torchaudio fbank in the process fails. Import them here, outside that context.
-    import transformers.models.clip.modeling_clip  # noqa: F401
 
     from avsync.loaders import keyvid
 
