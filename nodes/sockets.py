@@ -18,3 +18,4 @@ SYNC_REPORT = "AVSYNC_SYNC_REPORT"      # core.sync_metrics.SyncReport
 KEYVID_MODEL = "AVSYNC_KEYVID_MODEL"              # loaders.keyvid.KeyVIDModel with role "generator"
 KEYVID_INTERP_MODEL = "AVSYNC_KEYVID_INTERP_MODEL"  # loaders.keyvid.KeyVIDModel with role "interpolator"
 KEYVID_KEYFRAMES = "AVSYNC_KEYVID_KEYFRAMES"      # samplers.keyvid.KeyVIDKeyframes (generator → interpolator)
+MTV_MODEL = "AVSYNC_MTV_MODEL"                    # samplers.mtv.MTVModel (AVSyncMTVLoader → AVSyncMTVGenerator)
