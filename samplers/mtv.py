@@ -87,10 +87,11 @@ class Window:
     handover: Optional[int]
     keep: int
     tail: bool = False
+    frames: int = WINDOW_FRAMES
 
     @property
     def end(self) -> int:
-        return self.start + WINDOW_FRAMES
+        return self.start + self.frames
 
     @property
     def clean_frames(self) -> int:
@@ -133,7 +134,7 @@ class WindowPlan:
 
     def describe(self) -> str:
         first, end = self.unrendered
-        text = (f"{len(self.windows)} window(s) of {WINDOW_FRAMES} frames → {self.frames} frames "
+        text = (f"{len(self.windows)} window(s) of {self.windows[0].frames} frames → {self.frames} frames "
                 f"({self.frames / FPS:.2f} s at {FPS} fps)")
         if end > first:
             text += (f"; speech frames {first}-{end - 1} ({(end - first) / FPS:.2f} s) are not rendered "
@@ -141,13 +142,13 @@ class WindowPlan:
         return text
 
 
-def released_windows(n_features: int) -> int:
-    """``sample_video.py:sampling_main``: ``times = max((N − 8) // (L − 5), 1)``."""
-    return max((int(n_features) - 8) // WINDOW_STRIDE, 1)
+def released_windows(n_features: int, frames: int = WINDOW_FRAMES) -> int:
+    """``sample_video.py:sampling_main``: ``times = max((N − 8) // (L − 5), 1)`` (the 8 is the release's)."""
+    return max((int(n_features) - 8) // (int(frames) - OVERLAP_FRAMES), 1)
 
 
 def window_plan(n_features: int, length: Optional[int] = None, render_tail: bool = False,
-                max_windows: int = 0) -> WindowPlan:
+                max_windows: int = 0, frames: int = WINDOW_FRAMES) -> WindowPlan:
     """The windows for ``n_features`` padded feature frames (N) and a speech of ``length`` frames
     (default N).
 
@@ -162,20 +163,24 @@ def window_plan(n_features: int, length: Optional[int] = None, render_tail: bool
     aligned to the end of the features (start ``min(N − 49, 44·times)``; its hand-over frames are the
     previous window's decoded frames at that position, which are always rendered) renders the rest;
     its frames that overlap already rendered ones are dropped. ``max_windows`` > 0 keeps only the
-    first windows (a quick look at the start of a long audio).
+    first windows (a quick look at the start of a long audio). ``frames``: L, the video frames per
+    window (49 released; tiny test networks use fewer, the stride is L − 5).
     """
-    n = int(n_features)
+    n, big = int(n_features), int(frames)
+    if big <= OVERLAP_FRAMES:
+        raise ValueError(f"a window needs more than {OVERLAP_FRAMES} frames, got {big}")
+    stride = big - OVERLAP_FRAMES
     if n < 1:
         raise InputError("speech", f"has no audio feature frames (N = {n}); the speech track is empty")
     length = n if length is None else int(length)
-    times = released_windows(n)
-    windows: List[Window] = [Window(0, 0, None, 0)]
+    times = released_windows(n, big)
+    windows: List[Window] = [Window(0, 0, None, 0, frames=big)]
     for t in range(1, times):
-        windows.append(Window(t, t * WINDOW_STRIDE, WINDOW_STRIDE, OVERLAP_FRAMES))
+        windows.append(Window(t, t * stride, stride, OVERLAP_FRAMES, frames=big))
     if render_tail and windows[-1].end < length:
         prev = windows[-1]
-        start = min(n - WINDOW_FRAMES, times * WINDOW_STRIDE)
-        windows.append(Window(len(windows), start, start - prev.start, prev.end - start, tail=True))
+        start = min(n - big, times * stride)
+        windows.append(Window(len(windows), start, start - prev.start, prev.end - start, tail=True, frames=big))
     if max_windows and max_windows > 0:
         windows = windows[:max_windows]
     return WindowPlan(n, length, tuple(windows))
@@ -185,8 +190,8 @@ def window_features(features: torch.Tensor, window: Window) -> torch.Tensor:
     """Feature frames ``[start, start + 49)`` of ``features`` ``[N, 5, 12, 768]`` → ``[1, 49, 5, 12, 768]``,
     zero-padded past the end (``sample_video.py``: ``pre_fix[-1:]`` of a ``zeros_like``)."""
     part = features[window.start:window.end]
-    if part.shape[0] < WINDOW_FRAMES:
-        pad = part.new_zeros((WINDOW_FRAMES - part.shape[0],) + tuple(features.shape[1:]))
+    if part.shape[0] < window.frames:
+        pad = part.new_zeros((window.frames - part.shape[0],) + tuple(features.shape[1:]))
         part = torch.cat([part, pad])
     return part.unsqueeze(0)
 
@@ -290,9 +295,9 @@ class MTVSettings:
 def make_solver(settings: MTVSettings, clean: Optional[torch.Tensor] = None):
     """SDE DPM++(2M) on the zero-SNR v-prediction schedule (``samplers/core/dpmpp.py``), holding
     ``clean`` leading latent frames fixed (the window hand-over) when given."""
-    from .core.dpmpp import DPMPP2MSDE, KeepCleanFrames, cogvideox_schedule
+    from .core.dpmpp import DPMPP2MSDE, KeepCleanFrames, mtv_schedule
 
-    solver = DPMPP2MSDE(cogvideox_schedule(), steps=int(settings.steps), arithmetic=settings.arithmetic)
+    solver = DPMPP2MSDE(mtv_schedule(), steps=int(settings.steps), arithmetic=settings.arithmetic)
     return solver if clean is None else KeepCleanFrames(solver, clean, frame_axis=1)
 
 
@@ -317,6 +322,29 @@ class Resident:
 
 def _handle(component):
     return component if hasattr(component, "load") and hasattr(component, "offload") else Resident(component)
+
+
+def _module(component):
+    """The object a component holds without loading it (``ManagedModel.module``, ``Resident.obj``)."""
+    for name in ("module", "obj"):
+        inner = getattr(component, name, None)
+        if inner is not None:
+            return inner
+    return component
+
+
+def latent_geometry(transformer) -> tuple:
+    """``(T, h, w)`` latent frames and size of one window: the network config's (13, 60, 90 released:
+    480 × 720 px, hard-coded in ``sample_video.py``); a tiny test network has its own."""
+    cfg = getattr(_module(transformer), "config", None)
+    if cfg is None or not hasattr(cfg, "latent_frames"):
+        return LATENT_FRAMES, HEIGHT // 8, WIDTH // 8
+    return int(cfg.latent_frames), int(cfg.latent_height), int(cfg.latent_width)
+
+
+def window_frames_of(transformer) -> int:
+    """L = 4·(T − 1) + 1 video frames per window (the VAE's 4× temporal compression)."""
+    return 4 * (latent_geometry(transformer)[0] - 1) + 1
 
 
 def _to_unit_range(decoded: torch.Tensor) -> torch.Tensor:
@@ -356,7 +384,7 @@ def evaluations(settings: MTVSettings, plan: WindowPlan) -> int:
 @torch.no_grad()
 def run_windows(transformer, vae, text: torch.Tensor, features: Dict[str, torch.Tensor], plan: WindowPlan,
                 settings: Optional[MTVSettings] = None, guidance=None, noise: Optional[NoiseSource] = None,
-                progress=None, trace: Optional[SamplingTrace] = None, latent_size: Optional[tuple] = None,
+                progress=None, trace: Optional[SamplingTrace] = None,
                 on_window: Optional[Callable[[WindowRun], None]] = None, memory_required: int = 0) -> torch.Tensor:
     """Sample every window of ``plan`` and hand over between them → IMAGE ``[plan.frames, H, W, 3]`` in [0, 1].
 
@@ -364,13 +392,16 @@ def run_windows(transformer, vae, text: torch.Tensor, features: Dict[str, torch.
     transformer is loaded for sampling and offloaded before each decode, the VAE loaded for
     decoding and the hand-over encode. ``text`` ``[1, 226, 4096]``; ``features`` per stream
     ``[N, 5, 12, 768]`` (``speech`` decides nothing here: ``plan`` was made from it). ``guidance``:
-    the guidance object (default ``CFG(settings.cfg)``). ``latent_size`` ``(h, w)``: default 60 × 90
-    (480 × 720 px, hard-coded in the release).
+    the guidance object (default ``CFG(settings.cfg)``). The latent size is the network config's
+    (:func:`latent_geometry`).
     """
     settings = (settings or MTVSettings()).validate()
     noise = noise if noise is not None else SeededNoise(settings.seed)
     guide = guidance if guidance is not None else CFG(float(settings.cfg), (TEXT, AUDIO))
-    h, w = latent_size or (HEIGHT // 8, WIDTH // 8)
+    frames, h, w = latent_geometry(transformer)
+    if plan.windows[0].frames != 4 * (frames - 1) + 1:
+        raise ValueError(f"the plan's {plan.windows[0].frames}-frame windows do not fit the network's {frames} "
+                         f"latent frames ({4 * (frames - 1) + 1} video frames)")
     transformer, vae = _handle(transformer), _handle(vae)
     progress = progress if progress is not None else compat.Progress(evaluations(settings, plan), "AVSync MTV")
     on_call = trace.count_call if trace is not None else None
@@ -385,7 +416,7 @@ def run_windows(transformer, vae, text: torch.Tensor, features: Dict[str, torch.
                 clean = encode_handover(vae.load(), previous, window.handover, noise)
             finally:
                 vae.offload()
-        initial = noise.initial((1, LATENT_FRAMES, LATENT_CHANNELS, h, w))
+        initial = noise.initial((1, frames, LATENT_CHANNELS, h, w))
         if clean is not None:   # diffusion_video.py L264-265: the clean latents overwrite the first noise frames
             initial[:, :clean.shape[1]] = clean.to(initial.device)
         solver = make_solver(settings, clean)
@@ -399,13 +430,13 @@ def run_windows(transformer, vae, text: torch.Tensor, features: Dict[str, torch.
         finally:
             transformer.offload()
         try:
-            frames = _to_unit_range(vae.load().decode(latents)).to(compat.intermediate_device())
+            decoded = _to_unit_range(vae.load().decode(latents)).to(compat.intermediate_device())
         finally:
             vae.offload()
         if on_window is not None:
-            on_window(WindowRun(window, latents.cpu(), frames, None if clean is None else clean.cpu()))
-        video.append(frames[0, window.keep:])
-        previous = frames
+            on_window(WindowRun(window, latents.cpu(), decoded, None if clean is None else clean.cpu()))
+        video.append(decoded[0, window.keep:])
+        previous = decoded
     out = torch.cat(video)[: plan.frames]
     return out.permute(0, 2, 3, 1).contiguous()     # [F, 3, H, W] → IMAGE [F, H, W, 3]
 
@@ -451,19 +482,6 @@ class MTVResult:
     windows: list = field(default_factory=list)
 
 
-def mono_16k(waveform: torch.Tensor, sample_rate: int) -> torch.Tensor:
-    """``[C, N]`` / ``[N]`` audio → mono float32 at 16 kHz ``[n]`` (``librosa.load(sr=16000)``: channels
-    averaged, resampled)."""
-    from ..core.audio import resample
-
-    wav = waveform.to(torch.float32)
-    while wav.dim() > 2:
-        wav = wav[0]
-    if wav.dim() == 2:
-        wav = wav.mean(0)
-    return resample(wav, int(sample_rate), AUDIO_RATE) if int(sample_rate) != AUDIO_RATE else wav
-
-
 def _tracks(variant: str, speech, effects, music, speech2) -> Dict[str, Optional[tuple]]:
     """Check which tracks the variant takes; ``(waveform, sample_rate)`` per stream."""
     if variant not in VARIANTS:
@@ -478,12 +496,15 @@ def _tracks(variant: str, speech, effects, music, speech2) -> Dict[str, Optional
 
 
 @torch.no_grad()
-def encode_audio(model: MTVModel, tracks: Dict[str, Optional[tuple]]) -> tuple:
+def encode_audio(model: MTVModel, tracks: Dict[str, Optional[tuple]], clip_length: int = WINDOW_FRAMES) -> tuple:
     """wav2vec features of every track, once over the whole file (``sample_video.py`` L179-186), and the
     speech length. A missing track is silence as long as the longest given one (MTVCraft feeds a silent
     speech track to the accm model). Returns ``(features {stream: [N, 5, 12, 768]}, seq_len)``: the
-    speech's ``ceil(seconds·24)`` (the video is cut to it)."""
-    waves = {k: mono_16k(*v) for k, v in tracks.items() if v is not None}
+    speech's ``ceil(seconds·24)`` (the video is cut to it). ``clip_length``: the window's frames (N = 1 +
+    (L − 1)·k)."""
+    from ..networks.mtv_encoders import to_wav2vec_input
+
+    waves = {k: to_wav2vec_input(*v) for k, v in tracks.items() if v is not None}
     samples = max(w.numel() for w in waves.values())
     for k, v in tracks.items():
         if v is None and (k != "speech2"):
@@ -493,8 +514,8 @@ def encode_audio(model: MTVModel, tracks: Dict[str, Optional[tuple]]) -> tuple:
         enc = _handle(model.audio_encoder).load()
         for name in ("speech", "effects", "music", "speech2"):
             if name in waves:
-                feats[name] = enc.features(waves[name]).float().cpu()
-        seq_len, _padded = enc.frame_count(waves["speech"].numel(), AUDIO_RATE, FPS)
+                feats[name] = enc.features(waves[name], FPS, clip_length).float().cpu()
+        seq_len, _padded = enc.frame_count(waves["speech"].numel(), AUDIO_RATE, FPS, clip_length)
     finally:
         _handle(model.audio_encoder).offload()
     return feats, int(seq_len)
@@ -532,11 +553,12 @@ def generate_mtv(model: MTVModel, prompt: str, speech=None, effects=None, music=
     settings = (settings or MTVSettings()).validate()
     tracks = _tracks(getattr(model, "variant", "single"), speech, effects, music, speech2)
     noise = noise if noise is not None else SeededNoise(settings.seed)
-    net_module = getattr(_handle(model.transformer), "module", None)
-    guide = apply_guidance(CFG(float(settings.cfg), (TEXT, AUDIO)), guidance, net_module, "the MTV transformer")
-    features, seq_len = encode_audio(model, tracks)
+    guide = apply_guidance(CFG(float(settings.cfg), (TEXT, AUDIO)), guidance, _module(model.transformer),
+                           "the MTV transformer")
+    features, seq_len = encode_audio(model, tracks, window_frames_of(model.transformer))
     anchor = "speech" if tracks["speech"] is not None else next(k for k in STREAMS if tracks[k] is not None)
-    plan = window_plan(features[anchor].shape[0], seq_len, settings.render_tail, settings.max_windows)
+    plan = window_plan(features[anchor].shape[0], seq_len, settings.render_tail, settings.max_windows,
+                       window_frames_of(model.transformer))
     if on_plan is not None:
         on_plan(plan)
     required = _check_memory(model, settings, free_bytes)

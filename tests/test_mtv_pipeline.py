@@ -3,6 +3,7 @@ window hand-over, ASG on MTV. Reference: suimuc/MTV_Framework@5704fe6 ``mtv/samp
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from avsync.core.errors import InputError
 from avsync.samplers.core.guidance import AUDIO, TEXT, Branch
 from avsync.samplers.mtv import (
-    OVERLAP_FRAMES, WINDOW_FRAMES, MTVBranchModel, MTVSettings, Window, window_features, window_plan)
+    OVERLAP_FRAMES, WINDOW_FRAMES, MTVBranchModel, MTVSettings, Window, make_solver, window_features, window_plan)
 
 
 def _padded(seconds: float) -> tuple[int, int]:
@@ -129,3 +130,158 @@ def test_branch_model_conditions_and_zero_channels():
     assert torch.equal(call["latents"][:, :, :16], x) and torch.count_nonzero(call["latents"][:, :, 16:]) == 0
     assert call["timestep"].tolist() == [999.0, 999.0] and call["clean_frames"] == 2
     assert call["speech2"] is None and torch.equal(out, x * 2)
+
+
+# -- tiny networks: the branch model on MTVTransformer, the hand-over, ASG ------------------
+
+# the tiny encoders' widths (tests/factories/mtv_encoder_files.py: T5 d_model 32, wav2vec 2 × 32) and
+# 9-frame windows: fast enough for a 3-window run on one core
+SMALL = dict(latent_frames=3, latent_height=4, latent_width=6, audio_window_frames=9, text_dim=32, text_tokens=226,
+             audio_dim=32, audio_layers_per_frame=2, dual_heads=4, dual_mlp_dim=64)
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny():
+    """(Built once per session: building takes seconds.) A tiny MTV transformer (3 latent frames of 4 × 6 → 9-frame windows, stride 4) and a tiny
+    CogVideoX VAE with the real 4× temporal / 8× spatial compression (32 × 48 px)."""
+    mtv = pytest.importorskip("tests.factories.mtv")
+    enc = pytest.importorskip("tests.factories.mtv_encoder_files")
+    from avsync.networks.mtv_encoders import MTVVae
+
+    net = mtv.tiny_mtv_transformer(seed=0, **SMALL)
+    vae = MTVVae(enc.tiny_cogvideox_vae(seed=1).eval())
+    return net, vae
+
+
+def _features(n: int, seed: int, cfg) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, cfg.audio_context, cfg.audio_layers_per_frame, cfg.audio_dim, generator=g)
+
+
+def test_uncond_audio_is_zero_before_the_projections():
+    net, _ = _tiny()
+    cfg = net.config
+    seen = {}
+    hooks = [getattr(net.audio, name).register_forward_pre_hook(
+        lambda m, args, name=name: seen.setdefault(name, []).append(args[0].clone()))
+        for name in ("audio_proj", "audio_proj_effect", "audio_proj_music")]
+    text = torch.randn(1, cfg.text_tokens, cfg.text_dim)
+    audio = {k: _features(9, i, cfg)[None] for i, k in enumerate(("speech", "effects", "music"))}
+    family = MTVBranchModel(net, text, audio)
+    branches = [Branch("uncond"), Branch("cond", frozenset({TEXT, AUDIO}))]
+    inputs = {k: torch.cat([family.inputs(b)[k] for b in branches]) for k in family.inputs(branches[1])}
+    x = torch.randn(2, 3, 16, 4, 6)
+    family(x, torch.tensor(500.0), inputs)
+    for h in hooks:
+        h.remove()
+    for name, stream in (("audio_proj", "speech"), ("audio_proj_effect", "effects"), ("audio_proj_music", "music")):
+        (seen_in,) = seen[name]
+        assert torch.count_nonzero(seen_in[0]) == 0, f"{name}: uncond row must be zeros before the projection"
+        assert torch.equal(seen_in[1], audio[stream][0])
+
+
+class _Counting:
+    """A noise source that logs which kind of draw came when (the run's draw order)."""
+
+    def __init__(self, seed):
+        from avsync.samplers.core.noise import SeededNoise
+
+        self.inner, self.log = SeededNoise(seed), []
+
+    def _take(self, kind, shape):
+        t = getattr(self.inner, kind)(shape)
+        self.log.append((kind, tuple(shape), t.clone()))
+        return t
+
+    def initial(self, shape):
+        return self._take("initial", shape)
+
+    def renoise(self, shape):
+        return self._take("renoise", shape)
+
+    def conditioning(self, shape):
+        return self._take("conditioning", shape)
+
+
+def test_window_hand_over_on_tiny_models():
+    from avsync.samplers.mtv import run_windows
+
+    net, vae = _tiny()
+    cfg = net.config
+    n = 1 + 8 * 3                                   # N = 25 → times = (25 − 8)//4 = 4 windows of 9 frames
+    assert [w.start for w in window_plan(n, 23, frames=9).windows] == [0, 4, 8, 12]
+    plan = window_plan(n, 23, frames=9, max_windows=3)  # the first 3 (2 hand-overs) keep the test short
+    assert plan.frames == 17
+    feats = {k: _features(n, i, cfg) for i, k in enumerate(("speech", "effects", "music"))}
+    text = torch.randn(1, cfg.text_tokens, cfg.text_dim, generator=torch.Generator().manual_seed(7))
+    settings = MTVSettings(steps=3, seed=5)
+    calls = []
+    hook = net.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("clean_frames")), with_kwargs=True)
+    runs, noise = [], _Counting(5)
+    video = run_windows(net, vae, text, feats, plan, settings, noise=noise, on_window=runs.append)
+    hook.remove()
+
+    assert video.shape == (17, 32, 48, 3) and 0.0 <= float(video.min()) and float(video.max()) <= 1.0
+    # one model call per step (the CFG pair batched), clean_frames 0 in window 0 and 2 after
+    assert calls == [0] * 3 + [2] * 6
+    # draw order: per window its initial noise (all 3 latent frames) and the solver's draws; before
+    # windows 1.. the hand-over's posterior draw
+    kinds = [k for k, _, _ in noise.log]
+    solver = make_solver(settings)
+    per_window = ["initial"] + ["renoise"] * sum(solver.draws(i) for i in range(3))
+    assert kinds == per_window + (["conditioning"] + per_window) * 2
+    posterior = [t for k, _, t in noise.log if k == "conditioning"]
+    for t in range(1, 3):
+        prev, run = runs[t - 1], runs[t]
+        # the clean latents: the previous window's decoded frames 4..8 (its last 5), clamped to
+        # [0, 1], back to [−1, 1], posterior *sample* × 0.7 — recomputed here from the VAE's moments
+        mean, std = vae.posterior(prev.frames[:, 4:9] * 2 - 1)
+        expect = 0.7 * (mean + std * posterior[t - 1])
+        assert run.clean.shape == (1, 2, 16, 4, 6)
+        assert torch.allclose(run.clean, expect, rtol=0, atol=1e-6)   # same ops, other grouping: measured 0
+        # held clean through sampling: the window's result starts with them exactly
+        assert torch.equal(run.latents[:, :2], run.clean)
+    # the video: window 0's 9 frames, then frames 5.. of each next window
+    expect_video = torch.cat([runs[0].frames[0]] + [r.frames[0, 5:] for r in runs[1:]])
+    assert torch.equal(video, expect_video.permute(0, 2, 3, 1))
+    # same seed, same model objects → the same video, bit for bit
+    again = run_windows(net, vae, text, feats, plan, settings)
+    assert torch.equal(again, video)
+
+
+def test_asg_scale_zero_is_cfg_and_skipping_audio_equals_zero_audio_layers():
+    from avsync.samplers.asg import AudioSyncGuidanceSettings
+    from avsync.samplers.core.guidance import CFG
+    from avsync.samplers.keyvid import apply_guidance
+    from avsync.networks.audio_layers import audio_layers_off, list_audio_layers
+    from avsync.samplers.mtv import run_windows
+
+    net, vae = _tiny()
+    cfg = net.config
+    assert len(list_audio_layers(net)) > 0
+    n = 1 + 8
+    plan = window_plan(n, 9, frames=9)
+    feats = {k: _features(n, i, cfg) for i, k in enumerate(("speech", "effects", "music"))}
+    text = torch.randn(1, cfg.text_tokens, cfg.text_dim, generator=torch.Generator().manual_seed(7))
+    settings = MTVSettings(steps=2, seed=3)
+    cfg_guide = CFG(3.5, (TEXT, AUDIO))
+    plain = run_windows(net, vae, text, feats, plan, settings, guidance=cfg_guide)
+    off = apply_guidance(cfg_guide, AudioSyncGuidanceSettings(w_a=0.0), net, "the MTV transformer")
+    assert off is cfg_guide
+    assert torch.equal(run_windows(net, vae, text, feats, plan, settings, guidance=off), plain)
+    on = apply_guidance(cfg_guide, AudioSyncGuidanceSettings(w_a=2.0), net, "the MTV transformer")
+    assert not torch.equal(run_windows(net, vae, text, feats, plan, settings, guidance=on), plain)
+    # the off-sync branch inside a batched call: its rows equal a separate run with the audio layers off
+    family = MTVBranchModel(net, text, {k: window_features(v, plan.windows[0]) for k, v in feats.items()})
+    cond = family.inputs(Branch("cond", frozenset({TEXT, AUDIO})))
+    x = torch.randn(1, 3, 16, 4, 6, generator=torch.Generator().manual_seed(1))
+    batch = {k: torch.cat([v, v]) for k, v in cond.items()}
+    with audio_layers_off(net, None, samples=torch.tensor([False, True])):
+        both = family(torch.cat([x, x]), torch.tensor(700.0), batch)
+    with audio_layers_off(net):
+        alone = family(x, torch.tensor(700.0), cond)
+    normal = family(x, torch.tensor(700.0), cond)
+    # measured floor for batch 2 vs batch 1 on this CPU: max |Δ| ≈ 1e-7 on values ~1
+    assert torch.allclose(both[1:], alone, rtol=0, atol=1e-5)
+    assert torch.allclose(both[:1], normal, rtol=0, atol=1e-5)
+    assert not torch.allclose(alone, normal, rtol=0, atol=1e-3)
