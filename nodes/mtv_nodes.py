@@ -5,6 +5,7 @@ samplers/mtv.py (docs/mtv.md)."""
 from __future__ import annotations
 
 import logging
+import weakref
 
 from ..core.audio import check_audio
 from ..core.errors import InputError
@@ -33,6 +34,144 @@ def _track(audio, name):
         raise InputError(name, "is empty (0 samples)")
     return wav, sr
 
+
+# --------------------------------------------------------------------------------------
+# Loader
+# --------------------------------------------------------------------------------------
+
+T5_FOLDER, T5_DEFAULT = "text_encoders", "t5xxl_fp16.safetensors"
+T5_SOURCE = ("ComfyUI's T5-XXL text encoder (comfyanonymous/flux_text_encoders: t5xxl_fp16.safetensors, or the fp8 "
+             "files) in models/text_encoders, or a transformers T5 folder such as THUDM/CogVideoX-5b/text_encoder")
+WAV2VEC_FOLDER, WAV2VEC_DEFAULT = "audio_encoders", "wav2vec2-base-960h"
+WAV2VEC_SOURCE = ("facebook/wav2vec2-base-960h (the folder with config.json, model.safetensors or pytorch_model.bin, "
+                  "preprocessor_config.json) in models/audio_encoders")
+TOKENIZER_DIR = "t5_tokenizer"   # in models/avsync/mtv, for runs outside ComfyUI (ComfyUI ships its own)
+
+# Loaded models shared while anything still holds them (ComfyUI's output cache, a second loader
+# with the same choices); weak, so that dropping the output frees the weights.
+_cache: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+def _entries(folder: str, expected=(), extensions=(".safetensors", ".sft")) -> list:
+    """Files (and sub-folders holding a config.json: transformers / diffusers layouts) in a model
+    folder, the expected names first (always listed so a shared workflow validates and, when the
+    file is missing, fails naming where to get it)."""
+    from .. import compat
+
+    found = list(compat.list_model_files(folder, extensions))
+    for base in compat.model_folder_paths(folder):
+        if base.is_dir():
+            found += sorted(p.name for p in base.iterdir() if p.is_dir() and (p / "config.json").is_file())
+    return list(dict.fromkeys(list(expected) + found))
+
+
+def _resolve(folder: str, name: str, input_name: str, source: str):
+    from .. import compat
+    from ..core.errors import MissingModelError
+
+    path = compat.find_model_file(folder, str(name))
+    if path is None:
+        raise MissingModelError(str(name), folder, compat.model_folder_paths(folder), source,
+                                extra=f"(input '{input_name}')")
+    return path
+
+
+def _tokenizer_folder(t5_path):
+    """A tokenizer next to the T5 (a transformers folder's tokenizer/ or the folder itself), else
+    models/avsync/mtv/t5_tokenizer, else None (ComfyUI's own T5 tokenizer)."""
+    from .. import compat
+
+    for cand in (t5_path / "tokenizer", t5_path.parent / "tokenizer", t5_path):
+        if cand.is_dir() and any((cand / f).is_file() for f in ("tokenizer.json", "spiece.model")):
+            return cand
+    return compat.find_model_file("avsync_mtv", TOKENIZER_DIR)
+
+
+def _file_key(path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+class AVSyncMTVLoader:
+    DESCRIPTION = ("Loads MTV (audio-driven CogVideoX-5B): the transformer of one variant (single: one speaker; accm: "
+                   "effects and music, no conversation; multi: two speakers) made by `avsync convert mtv` from the "
+                   "released checkpoint (BAAI/MTVCraft), the CogVideoX VAE, the T5-XXL text encoder (ComfyUI's "
+                   "t5xxl file works) and wav2vec2-base-960h, for AVSyncMTVGenerator. The transformer is ~11.6 B "
+                   "parameters: fp8 storage and block swap make it fit smaller cards.")
+    CATEGORY = "AVSync/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = (MTV_MODEL,)
+    RETURN_NAMES = ("mtv_model",)
+    OUTPUT_TOOLTIPS = ("The MTV model (transformer, VAE, T5, wav2vec2); T5 and wav2vec2 are unloaded after encoding.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ..loaders.mtv import FOLDER, SPECS, VAE_SPEC
+        from ..samplers.mtv import PRECISIONS, STORAGES, VARIANTS
+
+        transformers = _entries(FOLDER, [SPECS[v].filename for v in VARIANTS])
+        return {"required": {
+            "variant": (list(VARIANTS), {"default": "single", "tooltip":
+                        "single: one speaker (prompt 'One person conversation…'); accm: no conversation, effects "
+                        "and music (prompt 'No conversation…'); multi: two speakers (two speech tracks)."}),
+            "transformer": (transformers, {"default": SPECS["single"].filename, "tooltip":
+                            f"The MTV transformer in models/avsync/mtv ('{FOLDER}' folder), made once by "
+                            f"`avsync convert mtv` from the released mp_rank_00_model_states.pt (bf16, or fp8 with "
+                            f"--dtype fp8_e4m3fn). It must match the variant."}),
+            "vae": (_entries(FOLDER, [VAE_SPEC.filename]), {"default": VAE_SPEC.filename, "tooltip":
+                    "The CogVideoX 3D VAE in models/avsync/mtv: mtv_vae.safetensors (`avsync convert mtv --vae "
+                    "3d-vae.pt`) or a diffusers vae/ folder of CogVideoX-5b."}),
+            "t5": (_entries(T5_FOLDER, [T5_DEFAULT]), {"default": T5_DEFAULT, "tooltip":
+                   "T5 v1.1 XXL in models/text_encoders: ComfyUI's t5xxl_fp16 / t5xxl_fp8_e4m3fn(_scaled) "
+                   ".safetensors, or a transformers text_encoder folder. Unloaded after the prompt is encoded."}),
+            "wav2vec": (_entries(WAV2VEC_FOLDER, [WAV2VEC_DEFAULT]), {"default": WAV2VEC_DEFAULT, "tooltip":
+                        "wav2vec2-base-960h in models/audio_encoders (the transformers folder, or one .safetensors "
+                        "file). Runs in fp32 as released; unloaded after the audio is encoded."}),
+            "storage": (list(STORAGES), {"default": "bf16", "tooltip":
+                        "Transformer weights in memory: bf16 (~23 GB, as released) or fp8 (~12 GB; each weight "
+                        "dequantised to the compute precision when used: slightly rounded weights)."}),
+            "block_swap": ("INT", {"default": 0, "min": 0, "max": 42, "tooltip":
+                           "Transformer blocks kept in CPU memory and streamed to the GPU while sampling (0: all on "
+                           "the GPU). More blocks: less GPU memory, slower steps. The generator's memory check says "
+                           "which settings fit before sampling starts."}),
+            "precision": (list(PRECISIONS), {"default": "auto", "tooltip":
+                          "Compute precision. auto: bf16 on a GPU (what the release runs), fp32 on the CPU."}),
+        }}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, **kw):
+        from ..samplers.mtv import PRECISIONS, STORAGES, VARIANTS
+
+        for name, allowed in (("variant", VARIANTS), ("storage", STORAGES), ("precision", PRECISIONS)):
+            if kw.get(name) is not None and kw[name] not in allowed:
+                return f"{name}: must be one of {', '.join(allowed)}, got {kw[name]!r}"
+        t = kw.get("transformer")
+        if t is not None and str(t).lower().endswith((".pt", ".pth", ".ckpt", ".bin")):
+            return (f"transformer: {t} is a pickled checkpoint; nodes load only the safetensors file that "
+                    f"`avsync convert mtv` writes")
+        return True
+
+    def load(self, variant, transformer, vae, t5, wav2vec, storage="bf16", block_swap=0, precision="auto"):
+        from ..loaders.mtv import FOLDER, SOURCE, VAE_SOURCE
+        from ..samplers.mtv import load_mtv_model
+
+        ok = self.VALIDATE_INPUTS(variant=variant, transformer=transformer, storage=storage, precision=precision)
+        if ok is not True:
+            name, _, problem = ok.partition(": ")
+            raise InputError(name, problem)
+        paths = (_resolve(FOLDER, transformer, "transformer", SOURCE), _resolve(FOLDER, vae, "vae", VAE_SOURCE),
+                 _resolve(T5_FOLDER, t5, "t5", T5_SOURCE), _resolve(WAV2VEC_FOLDER, wav2vec, "wav2vec", WAV2VEC_SOURCE))
+        key = tuple(_file_key(p) for p in paths) + (variant, storage, int(block_swap), precision)
+        model = _cache.get(key)
+        if model is None:
+            model = _cache[key] = load_mtv_model(variant, *paths, tokenizer=_tokenizer_folder(paths[2]),
+                                                 storage=storage, block_swap=int(block_swap), precision=precision)
+        return {"ui": {"text": [model.describe]}, "result": (model,)}
+
+
+# --------------------------------------------------------------------------------------
+# Generator
+# --------------------------------------------------------------------------------------
 
 class AVSyncMTVGenerator:
     DESCRIPTION = (
@@ -124,8 +263,10 @@ class AVSyncMTVGenerator:
 
 
 NODE_CLASS_MAPPINGS = {
+    "AVSyncMTVLoader": AVSyncMTVLoader,
     "AVSyncMTVGenerator": AVSyncMTVGenerator,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "AVSyncMTVLoader": "AVSync MTV Loader",
     "AVSyncMTVGenerator": "AVSync MTV Generator (speech / effects / music → video)",
 }

@@ -35,6 +35,7 @@ bit for bit; ours is reproducible and device-independent.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -465,6 +466,7 @@ class MTVModel:
     tokenizer: object
     audio_encoder: object
     memory: object = None
+    memory_settings: object = None
     describe: str = ""
 
     @property
@@ -577,14 +579,124 @@ def generate_mtv(model: MTVModel, prompt: str, speech=None, effects=None, music=
 
 
 def _check_memory(model: MTVModel, settings: MTVSettings, free_bytes) -> int:
-    """The core's memory check with the model's ``MemoryModel`` (none → no check); returns the bytes
+    """The core's memory check with the model's ``MemoryModel`` (``samplers/mtv_memory.py``; none → no
+    check) for the loaded storage / block swap and this run's CFG batch; returns the activation bytes
     ComfyUI must keep free besides the weights while sampling."""
+    from dataclasses import replace
+
     from .core.memory import check_memory, memory_budget
 
     mem = getattr(model, "memory", None)
-    if mem is None:
+    if mem is None or model.memory_settings is None:
         return 0
+    s = replace(model.memory_settings, batch=2 if settings.batched else 1)
     if free_bytes == -1:
         free_bytes = memory_budget(getattr(_handle(model.transformer), "load_device", compat.torch_device()))
-    check_memory(mem, settings, free_bytes)
-    return int(getattr(mem.estimate(settings), "sampling", 0))
+    check_memory(mem, s, free_bytes)
+    return int(mem.activation_bytes(s))
+
+
+# --------------------------------------------------------------------------------------
+# Assembling the model from its files
+# --------------------------------------------------------------------------------------
+
+class BlockSwapped:
+    """The transformer under block swap (``samplers/mtv_memory.py:BlockSwap``): ``load()`` puts all but
+    the streamed blocks on ``device`` and hooks the streaming in; ``offload()`` puts everything back
+    on the CPU. Outside ComfyUI's model management (ComfyUI cannot stream blocks)."""
+
+    def __init__(self, module: torch.nn.Module, blocks_on_gpu: int, device):
+        self.module, self.blocks_on_gpu, self.load_device = module, int(blocks_on_gpu), torch.device(device)
+        self._swap = None
+
+    def load(self, memory_required: int = 0):
+        from .mtv_memory import BlockSwap
+
+        if self._swap is None:
+            self._swap = BlockSwap(self.module, self.blocks_on_gpu, self.load_device).attach()
+        return self.module
+
+    def offload(self) -> None:
+        if self._swap is not None:
+            self._swap.detach()
+            self._swap = None
+            compat.soft_empty_cache()
+
+
+class VaeComponent:
+    """The VAE as :func:`run_windows` uses it: the managed ``AutoencoderKLCogVideoX``, handed out as
+    ``networks.mtv_encoders.MTVVae`` (scale 0.7)."""
+
+    def __init__(self, managed, tiling: bool = False):
+        self.managed, self.tiling = managed, bool(tiling)
+        self.module = managed.module
+
+    def load(self, memory_required: int = 0):
+        from ..networks.mtv_encoders import MTVVae
+
+        return MTVVae(self.managed.load(memory_required), tiling=self.tiling)
+
+    def offload(self) -> None:
+        self.managed.offload()
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+STORAGES = ("bf16", "fp8")
+
+
+def compute_dtype(precision: str, device) -> torch.dtype:
+    """``auto``: bf16 on a GPU (what the release runs: SAT casts the whole engine to bf16), fp32 on the
+    CPU (bf16 matmuls are slow there)."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.device(device).type != "cpu" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def load_mtv_model(variant: str, transformer, vae, t5, wav2vec, tokenizer=None, storage: str = "bf16",
+                   block_swap: int = 0, precision: str = "auto", vae_tiling: bool = False) -> MTVModel:
+    """Every component from its file (paths): the transformer converted by ``avsync convert mtv``
+    (``loaders/mtv.py:load_mtv_transformer``, strict), the VAE (``load_mtv_vae``: converted file or
+    diffusers folder), T5 (``loaders/mtv_encoders.py:load_t5_encoder``: a transformers folder or
+    ComfyUI's ``t5xxl_*.safetensors``) with its tokenizer (a folder; None: ComfyUI's copy), wav2vec2
+    (``load_mtv_audio_encoder``, fp32 as released). ``block_swap``: transformer blocks streamed from
+    the CPU during sampling (0: all resident, under ComfyUI's model management)."""
+    from ..loaders.mtv import load_mtv_transformer, load_mtv_vae
+    from ..networks.audio_layers import list_audio_layers
+    from ..loaders.mtv_encoders import load_mtv_audio_encoder, load_t5_encoder, load_t5_tokenizer
+    from .mtv_memory import MTVMemoryModel, MTVMemorySettings
+
+    if variant not in VARIANTS:
+        raise InputError("variant", f"must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if storage not in STORAGES:
+        raise InputError("storage", f"must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if precision not in PRECISIONS:
+        raise InputError("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = compat.torch_device()
+    dtype = compute_dtype(precision, device)
+    net = load_mtv_transformer(transformer, "cpu", dtype, storage).eval()
+    cfg = net.config
+    if (cfg.speakers == 2) != (variant == "multi"):
+        raise InputError("transformer", f"{Path(transformer).name} holds the {'two' if cfg.speakers == 2 else 'one'}-"
+                                        f"speaker network, but variant is '{variant}'")
+    if not 0 <= int(block_swap) <= cfg.num_layers:
+        raise InputError("block_swap", f"must be between 0 and {cfg.num_layers} (the transformer's blocks), "
+                                       f"got {block_swap}")
+    if block_swap:
+        handle = BlockSwapped(net, cfg.num_layers - int(block_swap), device)
+        net.to(compat.offload_device())
+    else:
+        handle = compat.manage_model(net)
+    vae_module = load_mtv_vae(vae, "cpu", dtype).eval()
+    text = compat.manage_model(load_t5_encoder(t5, dtype, "cpu"))
+    audio = compat.manage_model(load_mtv_audio_encoder(wav2vec, torch.float32, "cpu").eval())
+    memory_settings = MTVMemorySettings(storage=storage, blocks_on_gpu=None if not block_swap else
+                                        cfg.num_layers - int(block_swap), batch=2, latent_frames=cfg.latent_frames,
+                                        latent_height=cfg.latent_height, latent_width=cfg.latent_width)
+    memory = MTVMemoryModel(cfg)
+    describe = (f"MTV {variant}: {memory.params / 1e9:.2f} B parameters, {storage} storage, "
+                f"{'block swap: ' + str(block_swap) + ' blocks streamed' if block_swap else 'all blocks resident'}, "
+                f"compute {str(dtype).replace('torch.', '')} on {device}; "
+                f"{len(list_audio_layers(net))} audio layers (Audio Sync Guidance 'layers': "
+                f"0-{len(list_audio_layers(net)) - 1})")
+    return MTVModel(variant, handle, VaeComponent(compat.manage_model(vae_module), vae_tiling), text,
+                    load_t5_tokenizer(tokenizer), audio, memory, memory_settings, describe)

@@ -1,0 +1,142 @@
+"""MTV nodes (AVSyncMTVLoader → AVSyncMTVGenerator) and ``avsync mtv`` on tiny random models saved in
+the real on-disk layouts: a transformer converted by ``avsync convert mtv`` from a SAT/DeepSpeed
+checkpoint, a diffusers CogVideoX VAE folder, a transformers T5 folder with its tokenizer and a
+wav2vec2 folder."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from avsync import compat
+from avsync.core.audio import make_audio
+from avsync.core.errors import InputError, MissingModelError
+
+pytest.importorskip("avsync.loaders.mtv")
+pytest.importorskip("avsync.loaders.mtv_encoders")
+
+from tests.test_mtv_pipeline import SMALL  # noqa: E402
+
+# sizes the converter cannot read off the tensors (the latent grid, the wav2vec layer count, heads)
+HIDDEN = {k: SMALL[k] for k in ("latent_frames", "latent_height", "latent_width", "audio_window_frames",
+                                "audio_layers_per_frame", "dual_heads", "text_tokens")}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from avsync.loaders.mtv import convert_sat_checkpoint
+    from tests.factories.mtv import tiny_mtv_config
+    from tests.factories.mtv_encoder_files import (write_tiny_cogvideox_vae, write_tiny_t5, write_tiny_t5_tokenizer,
+                                                   write_tiny_wav2vec_folder)
+    from tests.factories.mtv_files import sat_state_dict, save_sat_checkpoint
+
+    root = tmp_path_factory.mktemp("mtv_models")
+    models = root / "models"
+    cfg = tiny_mtv_config(**SMALL)
+    save_sat_checkpoint(sat_state_dict(cfg, seed=0), root / "release" / "single")
+    (models / "avsync" / "mtv").mkdir(parents=True)
+    convert_sat_checkpoint(root / "release" / "single", models / "avsync" / "mtv" / "mtv_single_bf16.safetensors",
+                           "bf16", variant="single", config_overrides=dict(HIDDEN), hash_source=False)
+    write_tiny_cogvideox_vae(models / "avsync" / "mtv" / "tiny_vae", seed=1)
+    write_tiny_t5(models / "text_encoders" / "tiny_t5", seed=2)
+    write_tiny_t5_tokenizer(models / "text_encoders" / "tiny_t5" / "tokenizer")
+    write_tiny_wav2vec_folder(models / "audio_encoders" / "wav2vec2-base-960h", seed=3)
+    compat.set_models_dir(models)
+    yield models
+    compat.set_models_dir(None)
+
+
+LOAD = dict(variant="single", transformer="mtv_single_bf16.safetensors", vae="tiny_vae", t5="tiny_t5",
+            wav2vec="wav2vec2-base-960h", storage="bf16", block_swap=0, precision="fp32")
+GEN = dict(prompt="One person conversation. Person1 is speaking.", steps=2, cfg=3.5, seed=4, windows="released",
+           max_windows=0, batch_cfg=True)
+
+
+def _audio(seconds: float, freq: float, sr: int = 22050, channels: int = 2) -> dict:
+    t = torch.arange(int(seconds * sr)) / sr
+    wav = torch.stack([0.3 * torch.sin(2 * math.pi * freq * (c + 1) * t) for c in range(channels)])
+    return make_audio(wav, sr)
+
+
+def _tracks(seconds=0.6):
+    return dict(speech=_audio(seconds, 220.0), effects=_audio(seconds, 90.0), music=_audio(seconds, 440.0))
+
+
+@pytest.fixture(scope="module")
+def mtv_model(models):
+    from avsync.nodes.mtv_nodes import AVSyncMTVLoader
+
+    out = AVSyncMTVLoader().load(**LOAD)
+    assert "MTV single" in out["ui"]["text"][0]
+    return out["result"][0]
+
+
+def test_loader_and_generator_run_the_tiny_model(mtv_model):
+    from avsync.nodes.mtv_nodes import AVSyncMTVGenerator
+
+    # 0.6 s: seq_len ceil(0.6·24) = 15, padded N = 1 + 8·2 = 17 (9-frame windows of the tiny network),
+    # times = (17 − 8)//4 = 2 windows → 5 + 4·2 = 13 frames rendered of the 15
+    out = AVSyncMTVGenerator().generate(mtv_model, **_tracks(), **GEN)
+    frames, fps = out["result"]
+    assert fps == 24.0 and frames.shape == (13, 32, 48, 3)
+    assert 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0 and float(frames.std()) > 0
+    assert "13-14" in out["ui"]["text"][0]             # the frames the released windows never render
+    # render_tail: one more window aligned to the end renders frames 13, 14; the same seed and model
+    # give the released windows' frames bit for bit (same draws in the same order before the tail)
+    tail = AVSyncMTVGenerator().generate(mtv_model, **_tracks(), **dict(GEN, windows="render_tail"))["result"][0]
+    assert tail.shape[0] == 15 and torch.equal(tail[:13], frames)
+
+
+def test_generator_refuses_bad_inputs(mtv_model):
+    from avsync.nodes.mtv_nodes import AVSyncMTVGenerator
+
+    assert "windows" in AVSyncMTVGenerator.VALIDATE_INPUTS(windows="tail")
+    assert "max_windows" in AVSyncMTVGenerator.VALIDATE_INPUTS(max_windows=-1)
+    assert AVSyncMTVGenerator.VALIDATE_INPUTS(**{k: v for k, v in GEN.items() if k != "prompt"}) is True
+    with pytest.raises(InputError, match="speech2"):
+        AVSyncMTVGenerator().generate(mtv_model, **_tracks(), speech2=_audio(0.6, 330.0), **GEN)
+    with pytest.raises(InputError, match="mtv_model"):
+        AVSyncMTVGenerator().generate(object(), **_tracks(), **GEN)
+    with pytest.raises(InputError, match="effects"):
+        AVSyncMTVGenerator().generate(mtv_model, **dict(_tracks(), effects={"waveform": torch.zeros(1, 2, 0),
+                                                                            "sample_rate": 16000}), **GEN)
+
+
+def test_loader_refuses_missing_and_pickled_files(models):
+    from avsync.nodes.mtv_nodes import AVSyncMTVLoader
+
+    with pytest.raises(MissingModelError, match="mtv_accm_bf16.safetensors"):
+        AVSyncMTVLoader().load(**dict(LOAD, variant="accm", transformer="mtv_accm_bf16.safetensors"))
+    assert "pickled" in AVSyncMTVLoader.VALIDATE_INPUTS(transformer="mp_rank_00_model_states.pt")
+    with pytest.raises(InputError, match="variant"):
+        AVSyncMTVLoader().load(**dict(LOAD, variant="multi"))     # a one-speaker file as the multi variant
+    choices = AVSyncMTVLoader.INPUT_TYPES()["required"]
+    assert "tiny_vae" in choices["vae"][0] and "tiny_t5" in choices["t5"][0]
+
+
+def test_cli_mtv_writes_a_video_with_the_mix(models, tmp_path):
+    import av
+
+    from avsync.cli import main
+    from avsync.cli.common import save_audio_file
+
+    mix = tmp_path / "mix.wav"
+    save_audio_file(mix, _audio(0.6, 300.0))
+    out = tmp_path / "out.mp4"
+    argv = ["--models", str(models), "-q", "mtv", "--audio", str(mix), "--out", str(out), "--prompt", "a person",
+            "--transformer", "mtv_single_bf16.safetensors", "--vae", "tiny_vae", "--t5", "tiny_t5",
+            "--precision", "fp32", "--steps", "1", "--max-windows", "1"]
+    assert main(argv) == 0
+    with av.open(str(out)) as f:
+        video = next(s for s in f.streams if s.type == "video")
+        assert any(s.type == "audio" for s in f.streams)
+        assert (video.codec_context.width, video.codec_context.height) == (48, 32)
+        assert sum(1 for _ in f.decode(video=0)) == 9      # one 9-frame window of the tiny network
+    # a bad value fails before any work, naming the flag; the output is not touched
+    bad = tmp_path / "bad.mp4"
+    base = ["--models", str(models), "mtv", "--audio", str(mix), "--out", str(bad)]
+    assert main(base + ["--steps", "0"]) == 2 and not bad.exists()
+    assert main(["--models", str(models), "mtv", "--audio", str(mix), "--out", str(bad),
+                 "--variant", "multi"]) == 2 and not bad.exists()
