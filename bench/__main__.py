@@ -45,6 +45,9 @@ PLANS = {
                   ["--device", "cuda", "--real", "--frames", "12", "--height", "40", "--width", "64"]),
     "bench_keyvid": (["--only", "estimate"], ["--mem-height", "160", "--mem-width", "256"],
                      ["--device", "cuda", "--real-config"]),
+    # small config on the CPU; the released config (random weights) only with CUDA
+    "bench_mtv": (["--repeats", "1", "--settings", "resident", "resident two-calls"], [],
+                  ["--device", "cuda", "--real", "--settings", "swap 21", "swap 0", "fp8", "resident two-calls"]),
 }
 
 
