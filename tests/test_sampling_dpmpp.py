@@ -73,6 +73,7 @@ def ref():
 
 @pytest.fixture(scope="module")
 def net(ref):
+    torch.set_num_threads(1)       # tiny tensors: more threads only oversubscribe a shared CPU
     n = TinyVideoDenoiser().eval().requires_grad_(False)
     n.load_state_dict({k[len("denoiser/"):]: v for k, v in ref.items() if k.startswith("denoiser/")})
     return n
@@ -176,3 +177,193 @@ def test_full_runs_through_the_loop_match_the_released_sampler(net, ref, name):
     assert torch.equal(rec[-1][0], rec[-1][1]) if not RUNS[name]["clean_frames"] else True
     # the fixture is sensitive: the sample is far from the start
     assert (ref[f"{name}/samples"] - ref[f"{name}/x_T"]).abs().max() > 0.5
+
+
+# --------------------------------------------------------------------------------------
+# CFG on v = CFG on x̂₀; the first step by hand
+# --------------------------------------------------------------------------------------
+
+def test_cfg_on_v_equals_the_released_cfg_on_x0():
+    """The release mixes x̂₀ = v·c_out + x·c_skip per branch; the core mixes v. Same x, so the c_skip·x terms
+    cancel: equal up to rounding at every step of the 50-step schedule."""
+    solver = dpmpp.DPMPP2MSDE()
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for i in range(solver.steps):
+        x = 3 * torch.randn(2, 5, 4, 8, 8, generator=g)
+        v_u, v_c = torch.randn(2, 5, 4, 8, 8, generator=g), torch.randn(2, 5, 4, 8, 8, generator=g)
+        on_v = solver.denoised(x, CFG(3.5).mix({"uncond": v_u, "cond": v_c}), i)
+        d_u, d_c = solver.denoised(x, v_u, i), solver.denoised(x, v_c, i)
+        on_x0 = d_u + dpmpp.MTV_CFG_SCALE * (d_c - d_u)             # guiders.py:DynamicCFG → NoDynamicThresholding
+        worst = max(worst, (on_v - on_x0).abs().max().item())
+    # measured floor 2.9e-6 (3.8e-6 under ATEN_CPU_CAPABILITY=default), values up to 19: 2 float32 ulps
+    assert worst <= 1e-5
+    # by hand, loop step 45 (t = 99, snapped to table index 98): x = 2, v_u = 0.5, v_c = 1
+    s = solver.snapped_sqrt_alphas[45].item()
+    assert solver.snapped_index[45].item() == 98 and solver.timestep(45).item() == 99
+    want = 2 * s - (1 - s * s) ** 0.5 * (0.5 + 3.5 * 0.5)
+    x, v_u, v_c = torch.full((1, 1), 2.0), torch.full((1, 1), 0.5), torch.full((1, 1), 1.0)
+    assert solver.denoised(x, CFG(3.5).mix({"uncond": v_u, "cond": v_c}), 45).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_first_and_last_steps_by_hand():
+    """Step 0 is at ᾱ = 0: x̂₀ = −v, no memory, x₁ = √ᾱ₁·x̂₀ + √(1 − ᾱ₁)·z (one draw). The last step
+    returns x̂₀ and draws nothing."""
+    solver = dpmpp.DPMPP2MSDE(steps=5)
+    x, v, z = torch.full((1, 2), 2.0), torch.full((1, 2), 0.5), torch.full((1, 2), 1.5)
+    noise = InjectedNoise(renoise=[z])
+    x1, x0 = solver.step(x, v, 0, noise)
+    a1 = solver.sqrt_alphas[1].item()
+    assert solver.snapped_sqrt_alphas[0].item() == 0.0 and torch.equal(x0, -v)
+    assert x1[0, 0].item() == pytest.approx(a1 * -0.5 + (1 - a1 * a1) ** 0.5 * 1.5, rel=1e-6)
+    assert not noise._renoise
+    solver.step(x1, v, 1, InjectedNoise(renoise=[z, z]))
+    solver.step(x1, v, 2, InjectedNoise(renoise=[z, z]))
+    solver.step(x1, v, 3, InjectedNoise(renoise=[z, z]))
+    last, x0 = solver.step(x1, v, 4, InjectedNoise())            # no draw left: would raise if it drew
+    assert torch.equal(last, x0)
+    assert [solver.draws(i) for i in range(5)] == [1, 2, 2, 2, 0]
+    assert [dpmpp.DPMPP2MSDE(steps=5, arithmetic="diffusers").draws(i) for i in range(5)] == [1, 2, 2, 2, 1]
+
+
+def test_bad_settings_fail_with_a_message():
+    with pytest.raises(ValueError, match="arithmetic"):
+        dpmpp.DPMPP2MSDE(arithmetic="sat")
+    with pytest.raises(ValueError, match="before the zero-SNR rescale"):
+        dpmpp.DPMPP2MSDE(ddim.DiffusionSchedule.keyvid())
+    with pytest.raises(ValueError, match="steps"):
+        dpmpp.DPMPP2MSDE(steps=0)
+
+
+# --------------------------------------------------------------------------------------
+# The window hand-over
+# --------------------------------------------------------------------------------------
+
+def test_keep_clean_frames_imposes_them_bit_exactly_before_every_step_and_after_the_loop(net):
+    g = torch.Generator().manual_seed(4)
+    clean = 0.5 * torch.randn(1, 2, CHANNELS, HEIGHT, WIDTH, generator=g)
+    solver = dpmpp.KeepCleanFrames(dpmpp.DPMPP2MSDE(steps=5), clean, frame_axis=1)
+    assert dpmpp.clean_frames_of(solver) == 2 and dpmpp.clean_frames_of(solver.solver) == 0
+    assert solver.latent_frame_mask(FRAMES).tolist() == [False, False, True, True, True]
+    assert solver.evaluations() == 5 and solver.timestep(0).item() == 999 and solver.draws(1) == 2
+    model = TinyMTVBranches(net, make_mtv_conditions(5), clean_frames=dpmpp.clean_frames_of(solver))
+    seen, inner = [], []
+    predict = guided_predictor(model, CFG(dpmpp.MTV_CFG_SCALE, ("cond",)), 5)
+    step = solver.solver.step
+    solver.solver.step = lambda *a: inner.append(step(*a)) or inner[-1]
+    out = sample(lambda x, t, i: seen.append(x.clone()) or predict(x, t, i), solver, SeededNoise(6),
+                 (1, FRAMES, CHANNELS, HEIGHT, WIDTH))
+    assert len(seen) == 5
+    for x in seen + [out]:
+        assert torch.equal(x[:, :2], clean)                       # never re-noised, bit for bit
+    # the wrapped solver itself moves those frames (so the re-imposing is doing something) …
+    assert all((x_next[:, :2] - clean).abs().max() > 1e-3 for x_next, _ in inner)
+    # … and keeps its own x̂₀ history: the generated frames equal a hand-written released loop
+    ref = dpmpp.DPMPP2MSDE(steps=5)
+    noise = SeededNoise(6)
+    x = noise.initial((1, FRAMES, CHANNELS, HEIGHT, WIDTH))
+    for i in range(5):
+        x = torch.cat([clean, x[:, 2:]], dim=1)                    # sampling.py: before every step
+        x, _ = ref.step(x, predict(x, ref.timestep(i), i), i, noise)
+    x = torch.cat([clean, x[:, 2:]], dim=1)                        # and after the loop
+    assert torch.equal(out, x)
+    with pytest.raises(ValueError, match="clean frames"):
+        dpmpp.KeepCleanFrames(dpmpp.DPMPP2MSDE(), torch.zeros(1, 7, 1, 1, 1)).initial(torch.zeros(1, 5, 1, 1, 1))
+
+
+def test_the_network_is_told_the_clean_frames(net):
+    """The BranchModel passes ``clean_frames_of(solver)``: the clean frames get the t = 0 time term."""
+    conds = make_mtv_conditions(8)
+    x = torch.randn(1, FRAMES, CHANNELS, HEIGHT, WIDTH, generator=torch.Generator().manual_seed(9))
+    plain = TinyMTVBranches(net, conds, 0)
+    told = TinyMTVBranches(net, conds, dpmpp.clean_frames_of(dpmpp.KeepCleanFrames(dpmpp.DPMPP2MSDE(), x[:, :2])))
+    t = torch.tensor(999)
+    a = plain(x, t, plain.inputs(CFG(3.5, ("cond",)).branches(0, 1)[1]))
+    b = told(x, t, told.inputs(CFG(3.5, ("cond",)).branches(0, 1)[1]))
+    assert torch.equal(a[:, 2:], b[:, 2:]) and (a[:, :2] - b[:, :2]).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------
+# The diffusers arithmetic
+# --------------------------------------------------------------------------------------
+
+def _cogvideox_dpm_scheduler():
+    from diffusers import CogVideoXDPMScheduler
+
+    # CogVideoX-5B's scheduler_config.json (convert_cogvideox_to_diffusers.py, snr_shift_scale 1.0 for 5B)
+    return CogVideoXDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                 beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=True,
+                                 steps_offset=0, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                 timestep_spacing="trailing", snr_shift_scale=1.0)
+
+
+def _run(model, arithmetic, seed, steps=50):
+    solver = dpmpp.DPMPP2MSDE(steps=steps, arithmetic=arithmetic)
+    predict = guided_predictor(model, CFG(dpmpp.MTV_CFG_SCALE, ("cond",)), steps)
+    return sample(predict, solver, SeededNoise(seed), (1, FRAMES, CHANNELS, HEIGHT, WIDTH))
+
+
+def test_diffusers_arithmetic_equals_cogvideox_dpm_scheduler(net):
+    """``arithmetic="diffusers"`` with SeededNoise(seed) = the CogVideoX pipeline's loop over
+    ``CogVideoXDPMScheduler.step`` with a CPU generator of that seed (same draws, same order)."""
+    model = TinyMTVBranches(net, make_mtv_conditions(7))
+    for steps in (50, 3):
+        ours = _run(model, "diffusers", 0, steps)
+        sch = _cogvideox_dpm_scheduler()
+        sch.set_timesteps(steps)
+        g = torch.Generator().manual_seed(0)
+        latents, old = torch.randn(1, FRAMES, CHANNELS, HEIGHT, WIDTH, generator=g), None
+        predict = guided_predictor(model, CFG(dpmpp.MTV_CFG_SCALE, ("cond",)), steps)
+        for i, t in enumerate(sch.timesteps):
+            v = predict(latents, t, i)
+            latents, old = sch.step(v, old, t, sch.timesteps[i - 1] if i > 0 else None, latents, generator=g,
+                                    return_dict=False)
+        # measured: bit-identical (the same float64 0-d coefficients and float32 tensor operations)
+        assert torch.equal(ours, latents), steps
+        assert dpmpp.DPMPP2MSDE(steps=steps, arithmetic="diffusers").timesteps.tolist() == sch.timesteps.tolist()
+
+
+def test_released_and_diffusers_arithmetic_differ_by_the_documented_amount(net):
+    released, diffusers = dpmpp.DPMPP2MSDE(), dpmpp.DPMPP2MSDE(arithmetic="diffusers")
+    assert released.timesteps.tolist() == diffusers.timesteps.tolist()            # 999, 979, …, 19
+    # solver √ᾱ: rescaled over the 50 steps vs over the full table (docs/sampling.md: up to 6.2e-4)
+    full = diffusers.alphas_cumprod64.sqrt()[diffusers.timesteps]
+    gap = (released.sqrt_alphas[:-1].double() - full).abs().max().item()
+    assert 6.2e-4 < gap < 6.3e-4
+    # the sample, 50 steps, tiny denoiser, seeds 0-3: measured 0.028, 0.046, 0.033, 0.030 max abs
+    # (values up to 14); float rounding alone is < 2e-5, so this is the arithmetic
+    model = TinyMTVBranches(net, make_mtv_conditions(7))
+    d = (_run(model, "released", 0) - _run(model, "diffusers", 0)).abs().max().item()
+    assert 0.02 < d < 0.035
+
+
+# --------------------------------------------------------------------------------------
+# The loop drives it like the other solvers
+# --------------------------------------------------------------------------------------
+
+def test_loop_reports_progress_with_preview_and_cancels_between_steps(net):
+    model = TinyMTVBranches(net, make_mtv_conditions(7))
+    solver = dpmpp.DPMPP2MSDE(steps=6)
+    predict = guided_predictor(model, CFG(dpmpp.MTV_CFG_SCALE, ("cond",)), solver.steps)
+    ticks, previews = [], []
+    progress = compat.Progress(solver.evaluations(), "test", callback=lambda v, total: ticks.append((v, total)))
+    out = sample(predict, solver, SeededNoise(0), (1, FRAMES, CHANNELS, HEIGHT, WIDTH), progress=progress,
+                 preview=lambda x0: previews.append(x0.clone()))
+    assert ticks == [(i, 6) for i in range(1, 7)]
+    assert torch.equal(previews[-1], out)                          # the last step returns x̂₀
+    # same seed, same model → same output (a real promise: bit-exact)
+    assert torch.equal(out, sample(predict, dpmpp.DPMPP2MSDE(steps=6), SeededNoise(0),
+                                   (1, FRAMES, CHANNELS, HEIGHT, WIDTH)))
+    calls = []
+
+    def cancel_after_second(v, total):
+        if v == 2:
+            compat.request_interrupt()
+
+    try:
+        with pytest.raises(compat.Interrupted):
+            sample(lambda x, t, i: calls.append(i) or predict(x, t, i), dpmpp.DPMPP2MSDE(steps=6), SeededNoise(0),
+                   (1, FRAMES, CHANNELS, HEIGHT, WIDTH), progress=compat.Progress(6, "test", callback=cancel_after_second))
+    finally:
+        compat.request_interrupt(False)
+    assert calls == [0, 1]
