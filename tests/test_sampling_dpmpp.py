@@ -105,9 +105,9 @@ def _run_steps(net, ref, name, count):
 
 
 # Measured floor of ours (CFG on v, then x̂₀) against the release (x̂₀ per branch, then CFG), max abs over x̂₀
-# and x of every step, AMD EPYC, the same under ATEN_CPU_CAPABILITY=default: 1 and 3 steps of the 50-step
-# schedule ≤ 1.0e-6 (values up to 5.3), the full 3- and 5-step runs 9.5e-7 and 1.9e-6 (values up to 8.2),
-# the hand-over run 1.4e-6. The rounding of the two CFG orders accumulates over a full 50-step run:
+# and x of every step, AMD EPYC, the same under ATEN_CPU_CAPABILITY=default: 1 step of the 50-step schedule
+# 0 (bit-identical: at ᾱ = 0, x̂₀ = −v in both orders), 3 steps 9.5e-7 (values up to 4.1), the full 3- and
+# 5-step runs 9.5e-7 and 1.9e-6 (values up to 8.2), the hand-over run 1.4e-6. The rounding of the two CFG orders accumulates over a full 50-step run:
 # 6.7e-6 there (values up to 10.7, i.e. 7 float32 ulps), which gets its own 2e-5. Step 0's network
 # outputs are bit-identical (the same batched [uncond; cond] call on the same x_T as the release).
 TOL = 1e-5
