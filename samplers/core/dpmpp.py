@@ -21,8 +21,8 @@ checks it):
   its value), a 1 appended after the last step.
 * The denoiser: its table is the same rescale over all 1000 ᾱ; it snaps the solver's √ᾱ to the
   nearest table entry and uses the snapped value for ``c_skip = √ᾱ`` and ``c_out = −√(1 − ᾱ)``:
-  ``x̂₀ = v·c_out + x·c_skip``. The snap moves √ᾱ by up to 6.2e-4 (11 of 50 steps land on a table
-  index other than their timestep). The network itself sees the step's integer timestep
+  ``x̂₀ = v·c_out + x·c_skip``. The snap moves √ᾱ by up to 5.2e-4 (11 of 50 steps land on the
+  table entry of t − 1); the 50-step rescale itself differs from the full-table one by up to 6.2e-4. The network itself sees the step's integer timestep
   (``c_noise = idx``, not quantized: ``quantize_c_noise: False``), which :meth:`DPMPP2MSDE.timestep`
   returns.
 * Per step, with λ = log √(ᾱ/(1 − ᾱ)), h = λ_next − λ, r = h_last/h: ``x_next = m1·x − m2·D +
