@@ -13,8 +13,8 @@ Rows, each measured in its own subprocess (so that peak memory is the setting's 
 2. **CFG pair: batched vs two calls**: the same step with the pair as one model call (batch 2)
    against one call per branch (``batch_cfg`` off).
 
-Default: a small config on the CPU (4 layers, hidden 256, 13 × 16 × 24 latents = 1 248 video tokens,
-the released audio widths), 2 threads. ``--device cuda --real``: the released config (42 layers,
+Default: a small config on the CPU (4 layers, hidden 256, 13 × 8 × 12 latents = 312 video tokens,
+the released wav2vec widths, 4 audio tokens per latent frame), 2 threads; ~0.5 GB. ``--device cuda --real``: the released config (42 layers,
 hidden 3072, 13 × 60 × 90) with random weights — needs a GPU (bf16: ~23 GB of weights; the
 ``resident`` row needs a card that holds them, the swap rows fit 24 GB); not run here (no GPU).
 """
@@ -34,7 +34,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _report import best_of, row  # noqa: E402
 
-SMALL = dict(num_layers=4, num_heads=4, head_dim=64, latent_frames=13, latent_height=16, latent_width=24)
+# the audio projections are shrunk (released: 32 tokens, hidden 512 → one 1.2 B-parameter Conv1d each)
+SMALL = dict(num_layers=4, num_heads=4, head_dim=64, latent_frames=13, latent_height=8, latent_width=12,
+             audio_tokens=4, audio_proj_hidden=128)
 
 
 def _rss_mb(field: str = "VmRSS:") -> float:
@@ -145,7 +147,7 @@ def main(argv=None) -> int:
         r = results[s]
         print(f"{s}: {r['seconds'] * 1e3:.1f} ms per step, peak {r['peak_mb']:.0f} MB "
               f"(MTVMemoryModel estimate {r['estimate_mb']:.0f} MB) [{time.perf_counter() - t:.0f} s]")
-    size = "released config" if args.real else "small config (4 layers, hidden 256, 13x16x24 latents)"
+    size = "released config" if args.real else "small config (4 layers, hidden 256, 13x8x12 latents, 4 audio tokens)"
     ref = results.get("resident")
     for s, r in results.items():
         if s.endswith("two-calls"):
