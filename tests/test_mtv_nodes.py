@@ -17,41 +17,24 @@ from avsync.core.errors import InputError, MissingModelError
 pytest.importorskip("avsync.loaders.mtv")
 pytest.importorskip("avsync.loaders.mtv_encoders")
 
-from tests.test_mtv_pipeline import SMALL  # noqa: E402
-
-# sizes the converter cannot read off the tensors (the latent grid, the wav2vec layer count, heads)
-HIDDEN = {k: SMALL[k] for k in ("latent_frames", "latent_height", "latent_width", "audio_window_frames",
-                                "audio_layers_per_frame", "dual_heads", "text_tokens")}
+from tests.factories.mtv_pipeline_files import write_tiny_mtv_models  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from avsync.loaders.mtv import convert_sat_checkpoint
-    from tests.factories.mtv import tiny_mtv_config
-    from tests.factories.mtv_encoder_files import (write_tiny_cogvideox_vae, write_tiny_t5, write_tiny_t5_tokenizer,
-                                                   write_tiny_wav2vec_folder)
-    from tests.factories.mtv_files import sat_state_dict, save_sat_checkpoint
-
     root = tmp_path_factory.mktemp("mtv_models")
-    models = root / "models"
-    cfg = tiny_mtv_config(**SMALL)
-    save_sat_checkpoint(sat_state_dict(cfg, seed=0), root / "release" / "single")
-    (models / "avsync" / "mtv").mkdir(parents=True)
-    convert_sat_checkpoint(root / "release" / "single", models / "avsync" / "mtv" / "mtv_single_bf16.safetensors",
-                           "bf16", variant="single", config_overrides=dict(HIDDEN), hash_source=False)
-    write_tiny_cogvideox_vae(models / "avsync" / "mtv" / "tiny_vae", seed=1)
-    write_tiny_t5(models / "text_encoders" / "tiny_t5", seed=2)
-    write_tiny_t5_tokenizer(models / "text_encoders" / "tiny_t5" / "tokenizer")
-    write_tiny_wav2vec_folder(models / "audio_encoders" / "wav2vec2-base-960h", seed=3)
-    compat.set_models_dir(models)
-    yield models
+    names = write_tiny_mtv_models(root / "models", root / "release")
+    compat.set_models_dir(root / "models")
+    yield root / "models", names
     compat.set_models_dir(None)
 
 
-LOAD = dict(variant="single", transformer="mtv_single_bf16.safetensors", vae="tiny_vae", t5="tiny_t5",
-            wav2vec="wav2vec2-base-960h", storage="bf16", block_swap=0, precision="fp32")
 GEN = dict(prompt="One person conversation. Person1 is speaking.", steps=2, cfg=3.5, seed=4, windows="released",
            max_windows=0, batch_cfg=True)
+
+
+def _load(names, **kw):
+    return dict(dict(variant="single", storage="bf16", block_swap=0, precision="fp32", **names), **kw)
 
 
 def _audio(seconds: float, freq: float, sr: int = 22050, channels: int = 2) -> dict:
@@ -68,7 +51,7 @@ def _tracks(seconds=0.6):
 def mtv_model(models):
     from avsync.nodes.mtv_nodes import AVSyncMTVLoader
 
-    out = AVSyncMTVLoader().load(**LOAD)
+    out = AVSyncMTVLoader().load(**_load(models[1]))
     assert "MTV single" in out["ui"]["text"][0]
     return out["result"][0]
 
@@ -108,17 +91,19 @@ def test_loader_refuses_missing_and_pickled_files(models):
     from avsync.nodes.mtv_nodes import AVSyncMTVLoader
 
     with pytest.raises(MissingModelError, match="mtv_accm_bf16.safetensors"):
-        AVSyncMTVLoader().load(**dict(LOAD, variant="accm", transformer="mtv_accm_bf16.safetensors"))
+        AVSyncMTVLoader().load(**_load(models[1], variant="accm", transformer="mtv_accm_bf16.safetensors"))
     assert "pickled" in AVSyncMTVLoader.VALIDATE_INPUTS(transformer="mp_rank_00_model_states.pt")
     with pytest.raises(InputError, match="variant"):
-        AVSyncMTVLoader().load(**dict(LOAD, variant="multi"))     # a one-speaker file as the multi variant
+        AVSyncMTVLoader().load(**_load(models[1], variant="multi"))   # a one-speaker file as the multi variant
     choices = AVSyncMTVLoader.INPUT_TYPES()["required"]
-    assert "tiny_vae" in choices["vae"][0] and "tiny_t5" in choices["t5"][0]
+    assert models[1]["vae"] in choices["vae"][0] and models[1]["t5"] in choices["t5"][0]
+    assert models[1]["wav2vec"] in choices["wav2vec"][0]
 
 
 def test_cli_mtv_writes_a_video_with_the_mix(models, tmp_path):
     import av
 
+    models, names = models
     from avsync.cli import main
     from avsync.cli.common import save_audio_file
 
@@ -126,7 +111,8 @@ def test_cli_mtv_writes_a_video_with_the_mix(models, tmp_path):
     save_audio_file(mix, _audio(0.6, 300.0))
     out = tmp_path / "out.mp4"
     argv = ["--models", str(models), "-q", "mtv", "--audio", str(mix), "--out", str(out), "--prompt", "a person",
-            "--transformer", "mtv_single_bf16.safetensors", "--vae", "tiny_vae", "--t5", "tiny_t5",
+            "--transformer", names["transformer"], "--vae", names["vae"], "--t5", names["t5"], "--wav2vec",
+            str(models / "audio_encoders" / names["wav2vec"]),
             "--precision", "fp32", "--steps", "1", "--max-windows", "1"]
     assert main(argv) == 0
     with av.open(str(out)) as f:

@@ -134,12 +134,6 @@ def test_branch_model_conditions_and_zero_channels():
 
 # -- tiny networks: the branch model on MTVTransformer, the hand-over, ASG ------------------
 
-# the tiny encoders' widths (tests/factories/mtv_encoder_files.py: T5 d_model 32, wav2vec 2 × 32) and
-# 9-frame windows: fast enough for a 3-window run on one core
-SMALL = dict(latent_frames=3, latent_height=4, latent_width=6, audio_window_frames=9, text_dim=32, text_tokens=226,
-             audio_dim=32, audio_layers_per_frame=2, dual_heads=4, dual_mlp_dim=64)
-
-
 @functools.lru_cache(maxsize=1)
 def _tiny():
     """(Built once per session: building takes seconds.) A tiny MTV transformer (3 latent frames of 4 × 6 → 9-frame windows, stride 4) and a tiny
@@ -147,6 +141,8 @@ def _tiny():
     mtv = pytest.importorskip("tests.factories.mtv")
     enc = pytest.importorskip("tests.factories.mtv_encoder_files")
     from avsync.networks.mtv_encoders import MTVVae
+
+    from tests.factories.mtv_pipeline_files import SMALL
 
     net = mtv.tiny_mtv_transformer(seed=0, **SMALL)
     vae = MTVVae(enc.tiny_cogvideox_vae(seed=1).eval())
