@@ -323,4 +323,5 @@ def sat_to_mtv_state_dict(sat: dict) -> dict:
 
 
 def with_overrides(config: MTVConfig, **overrides) -> MTVConfig:
+    """``config`` with some fields replaced (the converter infers sizes from a file's shapes)."""
     return replace(config, **overrides)

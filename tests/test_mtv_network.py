@@ -109,6 +109,20 @@ def test_clean_frames_is_the_t0_embedding_per_frame():
     assert not torch.allclose(mixed, noisy, atol=1e-4)          # the clean frame changes the call
 
 
+def test_dual_blocks_use_batch_row_0_of_the_time_embedding_as_released():
+    net = tiny_mtv_transformer(2, **FAST)
+    x = tiny_mtv_inputs(net.config, batch=2, seed=3)
+    bb = net.backbone
+    emb = bb.time_embedding(bb.time_proj(torch.tensor([500.0, 100.0])))
+    with torch.no_grad():
+        mixed, _ = net.audio.encode(x["speech"], x["effects"], x["music"], None, emb)
+        row0, _ = net.audio.encode(x["speech"], x["effects"], x["music"], None, emb[:1].expand(2, -1))
+        own, _ = net.audio.encode(x["speech"], x["effects"], x["music"], None, emb[1:].expand(2, -1))
+    for a, b, c in zip(mixed, row0, own):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)   # measured 0 (same rows, same kernels)
+        assert not torch.allclose(a, c, atol=1e-4)
+
+
 def test_input_errors():
     net = tiny_mtv_transformer(0, **FAST)
     x = tiny_mtv_inputs(net.config)
