@@ -17,8 +17,8 @@ from avsync.networks.audio_layers import audio_layers_off, list_audio_layers
 from avsync.networks.mtv import MTVConfig, MTVTransformer, sat_to_mtv_key, sat_to_mtv_state_dict, sat_to_mtv_tensors
 from avsync.samplers.asg import AudioSyncGuidanceSettings
 from avsync.samplers.core.guidance import AUDIO, CFG, TEXT, guided_predictor
-from avsync.tests.factories.mtv import (SMALL_LATENT, sat_random_state_dict, tiny_mtv_config, tiny_mtv_inputs,
-                                        tiny_mtv_transformer)
+from tests.factories.mtv import (SMALL_LATENT, sat_random_state_dict, tiny_mtv_config, tiny_mtv_inputs,
+                                 tiny_mtv_transformer)
 
 DATA = Path(__file__).parent / "data" / "mtv" / "network"
 SUBSET_FRAMES = [0, 1, 2, 12]
