@@ -123,6 +123,23 @@ def test_dual_blocks_use_batch_row_0_of_the_time_embedding_as_released():
         assert not torch.allclose(a, c, atol=1e-4)
 
 
+def test_with_silent_audio_modules_the_block_loop_is_diffusers_own_forward():
+    """Our block loop on the diffusers submodules = ``CogVideoXTransformer3DModel.forward`` once
+    the audio step is the identity (cross-attention outputs and music modulation zeroed)."""
+    net = tiny_mtv_transformer(9, **FAST)
+    x = tiny_mtv_inputs(net.config, seed=10)
+    with torch.no_grad():
+        for layer in net.audio.layers:
+            for p in (*layer.audio_attn.dense.parameters(), *layer.audio_attn_effect.dense.parameters(),
+                      *layer.audio_music_adaLn.parameters()):
+                p.zero_()
+        ours = net(**x)
+        c = net.config
+        rope = net._rope(c.latent_frames, c.latent_height // 2, c.latent_width // 2, "cpu")
+        theirs = net.backbone(x["latents"], x["text"], x["timestep"], image_rotary_emb=rope, return_dict=False)[0]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)   # measured 0
+
+
 def test_input_errors():
     net = tiny_mtv_transformer(0, **FAST)
     x = tiny_mtv_inputs(net.config)
