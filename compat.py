@@ -200,6 +200,16 @@ def soft_empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def free_memory(required_bytes: int, device=None) -> None:
+    """Make ``required_bytes`` free on ``device`` for work that ComfyUI's loader does not see (block swap
+    streams weights itself): inside ComfyUI its ``free_memory`` unloads other models (e.g. a text encoder
+    still resident after encoding); outside, the cache is emptied."""
+    mm = _comfy_module("comfy.model_management")
+    if mm is not None:
+        mm.free_memory(int(required_bytes), device or torch_device())
+    soft_empty_cache()
+
+
 # --------------------------------------------------------------------------------------
 # Models under ComfyUI's memory management
 # --------------------------------------------------------------------------------------

@@ -516,7 +516,10 @@ def encode_audio(model: MTVModel, tracks: Dict[str, Optional[tuple]], clip_lengt
         enc = _handle(model.audio_encoder).load()
         for name in ("speech", "effects", "music", "speech2"):
             if name in waves:
-                feats[name] = enc.features(waves[name], FPS, clip_length).float().cpu()
+                try:
+                    feats[name] = enc.features(waves[name], FPS, clip_length).float().cpu()
+                except ValueError as err:    # e.g. shorter than wav2vec2's receptive field
+                    raise InputError(name, str(err)) from None
         seq_len, _padded = enc.frame_count(waves["speech"].numel(), AUDIO_RATE, FPS, clip_length)
     finally:
         _handle(model.audio_encoder).offload()
@@ -605,14 +608,17 @@ class BlockSwapped:
     the streamed blocks on ``device`` and hooks the streaming in; ``offload()`` puts everything back
     on the CPU. Outside ComfyUI's model management (ComfyUI cannot stream blocks)."""
 
-    def __init__(self, module: torch.nn.Module, blocks_on_gpu: int, device):
+    def __init__(self, module: torch.nn.Module, blocks_on_gpu: int, device, resident_bytes: int = 0):
         self.module, self.blocks_on_gpu, self.load_device = module, int(blocks_on_gpu), torch.device(device)
+        self.resident_bytes = int(resident_bytes)   # the memory model's weights on the device under swap
         self._swap = None
 
     def load(self, memory_required: int = 0):
         from .mtv_memory import BlockSwap
 
         if self._swap is None:
+            # ComfyUI does not see these weights: have it unload others (T5 after encoding) first
+            compat.free_memory(self.resident_bytes + int(memory_required), self.load_device)
             self._swap = BlockSwap(self.module, self.blocks_on_gpu, self.load_device).attach()
         return self.module
 
@@ -681,18 +687,20 @@ def load_mtv_model(variant: str, transformer, vae, t5, wav2vec, tokenizer=None, 
     if not 0 <= int(block_swap) <= cfg.num_layers:
         raise InputError("block_swap", f"must be between 0 and {cfg.num_layers} (the transformer's blocks), "
                                        f"got {block_swap}")
+    memory_settings = MTVMemorySettings(storage=storage, blocks_on_gpu=None if not block_swap else
+                                        cfg.num_layers - int(block_swap), batch=2, latent_frames=cfg.latent_frames,
+                                        latent_height=cfg.latent_height, latent_width=cfg.latent_width)
+    memory = MTVMemoryModel(cfg)
     if block_swap:
-        handle = BlockSwapped(net, cfg.num_layers - int(block_swap), device)
+        est = memory.estimate(memory_settings)
+        handle = BlockSwapped(net, cfg.num_layers - int(block_swap), device,
+                              est.sampling - memory.activation_bytes(memory_settings))
         net.to(compat.offload_device())
     else:
         handle = compat.manage_model(net)
     vae_module = load_mtv_vae(vae, "cpu", dtype).eval()
     text = compat.manage_model(load_t5_encoder(t5, dtype, "cpu"))
     audio = compat.manage_model(load_mtv_audio_encoder(wav2vec, torch.float32, "cpu").eval())
-    memory_settings = MTVMemorySettings(storage=storage, blocks_on_gpu=None if not block_swap else
-                                        cfg.num_layers - int(block_swap), batch=2, latent_frames=cfg.latent_frames,
-                                        latent_height=cfg.latent_height, latent_width=cfg.latent_width)
-    memory = MTVMemoryModel(cfg)
     describe = (f"MTV {variant}: {memory.params / 1e9:.2f} B parameters, {storage} storage, "
                 f"{'block swap: ' + str(block_swap) + ' blocks streamed' if block_swap else 'all blocks resident'}, "
                 f"compute {str(dtype).replace('torch.', '')} on {device}; "

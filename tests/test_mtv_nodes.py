@@ -126,3 +126,21 @@ def test_cli_mtv_writes_a_video_with_the_mix(models, tmp_path):
     assert main(base + ["--steps", "0"]) == 2 and not bad.exists()
     assert main(["--models", str(models), "mtv", "--audio", str(mix), "--out", str(bad),
                  "--variant", "multi"]) == 2 and not bad.exists()
+
+
+def test_block_swap_and_fp8_storage_run_through_the_nodes(models, mtv_model):
+    from avsync.nodes.mtv_nodes import AVSyncMTVGenerator, AVSyncMTVLoader
+    from avsync.samplers.mtv import BlockSwapped
+
+    quick = dict(GEN, steps=1, max_windows=1)
+    resident = AVSyncMTVGenerator().generate(mtv_model, **_tracks(), **quick)["result"][0]
+    swapped = AVSyncMTVLoader().load(**_load(models[1], block_swap=1))["result"][0]
+    assert isinstance(swapped.transformer, BlockSwapped) and swapped.transformer.blocks_on_gpu == 1
+    # on the CPU the streamed copies are plain tensors: the same numbers as the resident model
+    assert torch.equal(AVSyncMTVGenerator().generate(swapped, **_tracks(), **quick)["result"][0], resident)
+    assert swapped.transformer._swap is None            # detached after sampling
+    fp8 = AVSyncMTVLoader().load(**_load(models[1], storage="fp8"))["result"][0]
+    frames = AVSyncMTVGenerator().generate(fp8, **_tracks(), **quick)["result"][0]
+    assert frames.shape == resident.shape and not torch.equal(frames, resident)   # rounded weights
+    with pytest.raises(InputError, match="block_swap"):
+        AVSyncMTVLoader().load(**_load(models[1], block_swap=3))                 # the tiny network has 2 blocks

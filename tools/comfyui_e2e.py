@@ -10,7 +10,8 @@ pack in its custom_nodes folder (e.g. ``python main.py --cpu --port 8199``)::
 factories') where ``tools/e2e/*_tiny_models.json`` expect them, so workflows that need
 model files run end to end without real weights (the output is noise, the wiring is real):
 a tiny SVD-XT + backward ΔW, and tiny KeyVID generator + interpolator files converted by
-``avsync convert keyvid``'s code into ``models/avsync/keyvid`` (tests/factories/keyvid_files.py).
+``avsync convert keyvid``'s code into ``models/avsync/keyvid`` (tests/factories/keyvid_files.py), and
+tiny MTV files (tests/factories/mtv_pipeline_files.py).
 
 It copies the example inputs into ComfyUI's input folder, posts
 each workflow to ``/prompt``, waits for it in ``/history`` and prints what each output
@@ -87,6 +88,10 @@ def main(argv=None) -> int:
         from tests.factories.keyvid_files import write_tiny_keyvid_models
 
         write_tiny_keyvid_models(args.tiny_models)
+        # MTV: transformer converted into models/avsync/mtv, VAE, T5 (+ its tokenizer), wav2vec2 folders
+        from tests.factories.mtv_pipeline_files import write_tiny_mtv_models
+
+        write_tiny_mtv_models(args.tiny_models)
     failed = 0
     for wf in args.workflows:
         ok, entry = run_workflow(args.url.rstrip("/"), wf, args.timeout)
