@@ -115,6 +115,7 @@ class WindowPlan:
     n_features: int
     length: int
     windows: tuple
+    limited: bool = False        # max_windows cut the plan short
 
     @property
     def rendered(self) -> int:
@@ -138,8 +139,9 @@ class WindowPlan:
         text = (f"{len(self.windows)} window(s) of {self.windows[0].frames} frames → {self.frames} frames "
                 f"({self.frames / FPS:.2f} s at {FPS} fps)")
         if end > first:
-            text += (f"; speech frames {first}-{end - 1} ({(end - first) / FPS:.2f} s) are not rendered "
-                     f"(released windowing; windows 'render_tail' renders them)")
+            why = ("max_windows" if self.limited else
+                   "released windowing; windows 'render_tail' renders them")
+            text += f"; speech frames {first}-{end - 1} ({(end - first) / FPS:.2f} s) are not rendered ({why})"
         return text
 
 
@@ -182,9 +184,10 @@ def window_plan(n_features: int, length: Optional[int] = None, render_tail: bool
         prev = windows[-1]
         start = min(n - big, times * stride)
         windows.append(Window(len(windows), start, start - prev.start, prev.end - start, tail=True, frames=big))
-    if max_windows and max_windows > 0:
+    limited = bool(max_windows) and 0 < max_windows < len(windows)
+    if limited:
         windows = windows[:max_windows]
-    return WindowPlan(n, length, tuple(windows))
+    return WindowPlan(n, length, tuple(windows), limited)
 
 
 def window_features(features: torch.Tensor, window: Window) -> torch.Tensor:

@@ -76,7 +76,8 @@ def test_short_and_limited_plans():
     plan = window_plan(1, 1)                # 1/24 s: one zero-padded window, cut to 1 frame
     assert len(plan.windows) == 1 and plan.frames == 1
     plan = window_plan(481, 470, max_windows=2)
-    assert len(plan.windows) == 2 and plan.frames == 93
+    assert len(plan.windows) == 2 and plan.frames == 93 and "(max_windows)" in plan.describe()
+    assert not window_plan(481, 470, max_windows=20).limited
     with pytest.raises(InputError, match="speech"):
         window_plan(0)
 
