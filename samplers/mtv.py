@@ -563,13 +563,13 @@ def generate_mtv(model: MTVModel, prompt: str, speech=None, effects=None, music=
     noise = noise if noise is not None else SeededNoise(settings.seed)
     guide = apply_guidance(CFG(float(settings.cfg), (TEXT, AUDIO)), guidance, _module(model.transformer),
                            "the MTV transformer")
+    required = _check_memory(model, settings, free_bytes)      # before any model runs
     features, seq_len = encode_audio(model, tracks, window_frames_of(model.transformer))
     anchor = "speech" if tracks["speech"] is not None else next(k for k in STREAMS if tracks[k] is not None)
     plan = window_plan(features[anchor].shape[0], seq_len, settings.render_tail, settings.max_windows,
                        window_frames_of(model.transformer))
     if on_plan is not None:
         on_plan(plan)
-    required = _check_memory(model, settings, free_bytes)
     text = encode_text(model, prompt)
     runs: list = []
 
