@@ -144,3 +144,21 @@ def test_block_swap_and_fp8_storage_run_through_the_nodes(models, mtv_model):
     assert frames.shape == resident.shape and not torch.equal(frames, resident)   # rounded weights
     with pytest.raises(InputError, match="block_swap"):
         AVSyncMTVLoader().load(**_load(models[1], block_swap=3))                 # the tiny network has 2 blocks
+
+
+def test_memory_check_refuses_before_any_model_runs(mtv_model):
+    from avsync.samplers.mtv import encode_audio, generate_mtv
+
+    calls = []
+    # wav2vec2's CNN runs first in MTVAudioEncoder.features
+    hook = mtv_model.audio_encoder.module.wav2vec.feature_extractor.register_forward_pre_hook(
+        lambda *a: calls.append(1))
+    tracks = {k: (a["waveform"][0], a["sample_rate"]) for k, a in _tracks().items()}
+    try:
+        with pytest.raises(InputError, match="memory"):
+            generate_mtv(mtv_model, "a person", **tracks, free_bytes=2 ** 20)   # 1 MiB "free"
+        assert calls == []
+        encode_audio(mtv_model, dict(tracks, speech2=None), 9)                # the hook does see wav2vec run
+        assert calls
+    finally:
+        hook.remove()
