@@ -282,3 +282,31 @@ def test_asg_scale_zero_is_cfg_and_skipping_audio_equals_zero_audio_layers():
     assert torch.allclose(both[1:], alone, rtol=0, atol=1e-5)
     assert torch.allclose(both[:1], normal, rtol=0, atol=1e-5)
     assert not torch.allclose(alone, normal, rtol=0, atol=1e-3)
+
+
+def test_progress_counts_evaluations_across_windows_and_cancel_stops_the_run():
+    from avsync import compat
+    from avsync.samplers.mtv import evaluations, run_windows
+
+    net, vae = _tiny()
+    cfg = net.config
+    n = 1 + 8 * 2                                     # N = 17 → 2 windows of 9 frames
+    plan = window_plan(n, 17, frames=9)
+    feats = {k: _features(n, i, cfg) for i, k in enumerate(("speech", "effects", "music"))}
+    text = torch.zeros(1, cfg.text_tokens, cfg.text_dim)
+    settings = MTVSettings(steps=2, seed=0)
+    assert evaluations(settings, plan) == 4
+    seen = []
+
+    def on_progress(value, total):
+        seen.append((value, total))
+        if value == 3:                                # Cancel during window 1's first step
+            compat.request_interrupt()
+
+    try:
+        with pytest.raises(compat.Interrupted):
+            run_windows(net, vae, text, feats, plan, settings,
+                        progress=compat.Progress(evaluations(settings, plan), "t", callback=on_progress))
+    finally:
+        compat.request_interrupt(False)
+    assert seen == [(1, 4), (2, 4), (3, 4)]
