@@ -42,6 +42,7 @@ import torch
 
 from .. import compat
 from ..core.errors import InputError
+from .core.dpmpp import ARITHMETICS, MTV_CFG_SCALE, MTV_STEPS
 from .core.guidance import AUDIO, TEXT, Branch, CFG, guided_predictor
 from .core.loop import SamplingTrace, sample
 from .core.noise import NoiseSource, SeededNoise
@@ -56,8 +57,8 @@ CLEAN_LATENTS = 2            # the 5 hand-over frames encode to 2 latent frames 
 LATENT_CHANNELS = 16
 ZERO_CHANNELS = 16           # the I2V concat channels, zero at inference and in training
 HEIGHT, WIDTH = 480, 720     # hard-coded in sample_video.py L141
-RELEASED_CFG = 3.5           # guiders.py L74: the config's scale (6) is ignored by the released code
-RELEASED_STEPS = 50          # F: configs/cogvideox_5b.yaml (MTVCraft's variant runs 20)
+RELEASED_CFG = MTV_CFG_SCALE   # 3.5, guiders.py L74: the config's scale (6) is ignored by the released code
+RELEASED_STEPS = MTV_STEPS     # 50, F: configs/cogvideox_5b.yaml (MTVCraft's variant runs 20)
 STREAMS = ("speech", "effects", "music")
 WINDOW_MODES = ("released", "render_tail")
 
@@ -287,8 +288,8 @@ class MTVSettings:
             raise InputError("windows", f"must be one of {', '.join(WINDOW_MODES)}, got {self.windows!r}")
         if int(self.max_windows) < 0:
             raise InputError("max_windows", f"must be ≥ 0 (0 = every window), got {self.max_windows}")
-        if self.arithmetic not in ("released", "diffusers"):
-            raise InputError("arithmetic", f"must be 'released' or 'diffusers', got {self.arithmetic!r}")
+        if self.arithmetic not in ARITHMETICS:
+            raise InputError("arithmetic", f"must be one of {', '.join(ARITHMETICS)}, got {self.arithmetic!r}")
         return self
 
     @property
