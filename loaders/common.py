@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
@@ -137,11 +138,13 @@ def write_safetensors_streamed(path, tensors: Mapping[str, torch.Tensor], dtypes
     path = Path(path)
     names = sorted(tensors, key=lambda k: (-torch.empty((), dtype=dtypes[k]).element_size(), k))
     header: dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    # a lazy mapping that knows its shapes (``shape(key)``) spares reading every tensor twice
+    shape_of = tensors.shape if callable(getattr(tensors, "shape", None)) else (lambda k: tuple(tensors[k].shape))
     offset = 0
     for k in names:
-        t = tensors[k]
-        size = t.numel() * torch.empty((), dtype=dtypes[k]).element_size()
-        header[k] = {"dtype": _ST_DTYPES[dtypes[k]], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        shape = [int(s) for s in shape_of(k)]
+        size = math.prod(shape) * torch.empty((), dtype=dtypes[k]).element_size()
+        header[k] = {"dtype": _ST_DTYPES[dtypes[k]], "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -155,6 +158,9 @@ def write_safetensors_streamed(path, tensors: Mapping[str, torch.Tensor], dtypes
                 digest.update(chunk)
             for k in names:
                 t = tensors[k].detach().to(device="cpu", dtype=dtypes[k]).contiguous()
+                if list(t.shape) != header[k]["shape"]:
+                    raise ModelFormatError(f"{k}: tensor shape {list(t.shape)} differs from the announced "
+                                           f"{header[k]['shape']}")
                 raw = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
                 f.write(raw)
                 digest.update(raw)
