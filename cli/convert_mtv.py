@@ -24,9 +24,9 @@ def register(kinds) -> None:
                    help="mp_rank_00_model_states.pt or the folder holding `latest` (e.g. mtv/single)")
     p.add_argument("--vae", metavar="3d-vae.pt", help="convert the SAT CogVideoX VAE instead of the transformer")
     p.add_argument("--out", required=True, metavar="OUT.safetensors",
-                   help="file to write (for ComfyUI: models/avsync_mtv/mtv_single_bf16.safetensors)")
+                   help="file to write (for ComfyUI: models/avsync/mtv/mtv_single_bf16.safetensors)")
     p.add_argument("--dtype", choices=("bf16", "fp8_e4m3fn"), default="bf16",
-                   help="storage: bf16 (default, ~23 GB) or fp8_e4m3fn (~13 GB: the Linear/Conv1d weights of the "
+                   help="storage: bf16 (default, ~23 GB) or fp8_e4m3fn (~11.7 GB: the Linear/Conv1d weights of the "
                         "blocks, their audio layers and the audio projections in fp8 with per-channel scales; the "
                         "rest bf16). The VAE is always bf16")
     p.add_argument("--variant", choices=("single", "multi", "accm"),

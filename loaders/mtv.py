@@ -64,12 +64,12 @@ VAE_SCALE = 0.7
 #: RoPE tables (recomputed) and SAT's unused ``transformer.position_embeddings``.
 _DROPPED_MARKERS = ("freqs_sin", "freqs_cos", "position_embedding", "embed_tokens")
 
-CONVERT_COMMAND = "avsync convert mtv mtv/single --out models/avsync_mtv/mtv_single_bf16.safetensors"
+CONVERT_COMMAND = "avsync convert mtv mtv/single --out models/avsync/mtv/mtv_single_bf16.safetensors"
 SOURCE = (f"{RELEASE_REPO} (mtv/single, mtv/multi or mtv/accm: the folder with `latest` and "
           f"1/{CHECKPOINT_NAME}); convert once with: {CONVERT_COMMAND} (add --dtype fp8_e4m3fn for the "
           f"fp8 file)")
 VAE_SOURCE = ("3d-vae.pt of the SAT CogVideoX release (THUDM/CogVideoX1.5-5B-SAT, vae/3d-vae.pt; converted with "
-              "`avsync convert mtv --vae 3d-vae.pt --out models/avsync_mtv/mtv_vae.safetensors`) or a diffusers "
+              "`avsync convert mtv --vae 3d-vae.pt --out models/avsync/mtv/mtv_vae.safetensors`) or a diffusers "
               "CogVideoX vae/ folder (THUDM/CogVideoX-5b/vae)")
 
 SPECS = {
@@ -77,7 +77,8 @@ SPECS = {
         key=f"mtv_{v}", filename=f"mtv_{v}_bf16.safetensors", folder=FOLDER,
         source=SOURCE.replace("mtv/single --out", f"mtv/{v} --out").replace("mtv_single_bf16", f"mtv_{v}_bf16"),
         description=f"MTV transformer, {v} variant (CogVideoX-5B backbone in diffusers keys + MTV audio modules), "
-                    f"bf16; ~23 GB ({'~25 GB' if v == 'multi' else 'fp8: ~13 GB'})",
+                    f"bf16: {'25.2' if v == 'multi' else '23.2'} GB "
+                    f"(fp8_e4m3fn file: {'12.7' if v == 'multi' else '11.7'} GB)",
     ))
     for v in VARIANTS
 }

@@ -42,9 +42,9 @@ SCALE_SUFFIX = "weight_scale"
 
 #: Where fp8 storage applies (state-dict key prefixes of :class:`~avsync.networks.mtv.MTVTransformer`):
 #: the Linear / Conv1d weights of the 42 blocks, of their audio layers and of the three audio
-#: projection models — 99.5 % of the parameters. Biases, LayerNorms, embeddings (patch, text,
-#: time, positional), the output layer and the small speech/effects interaction blocks
-#: (``audio.audio_combine``, 47 M) stay in the compute dtype.
+#: projection models — 98.9 % of the parameters at the released size. Biases, LayerNorms,
+#: embeddings (patch, text, time, positional), the output layer and the small speech/effects
+#: interaction blocks (``audio.audio_combine``, 47 M) stay in the compute dtype.
 FP8_SCOPES = ("backbone.transformer_blocks.", "audio.layers.", "audio.audio_proj.", "audio.audio_proj_effect.",
               "audio.audio_proj_music.")
 

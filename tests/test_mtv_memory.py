@@ -145,3 +145,16 @@ def test_check_memory_says_which_settings_fit_a_24gb_card(released):
     check_memory(released, S(blocks_on_gpu=30), GB24)
     with pytest.raises(InputError, match="blocks_on_gpu"):
         check_memory(released, S(blocks_on_gpu=42), GB24)
+
+
+def test_block_swap_with_fp8_storage(tiny):
+    import copy
+
+    net, inputs = tiny
+    model = copy.deepcopy(net)
+    M.use_fp8_storage(model, compute_dtype=torch.float32)
+    with torch.no_grad():
+        ref = model(**inputs)
+        with M.BlockSwap(model, blocks_on_gpu=1, device="cpu"):
+            out = model(**inputs)
+    assert torch.equal(out, ref)
