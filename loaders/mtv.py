@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -304,7 +305,8 @@ class _Converted(Mapping):
         self._keys: dict[str, tuple[str, str]] = {}   # out key -> (our key, "value" | "q" | "scale")
         self._shapes: dict[str, tuple] = {}
         self.dtypes: dict[str, torch.dtype] = {}
-        self._cache: tuple[Optional[str], list] = (None, [])
+        self._cache: OrderedDict[str, list] = OrderedDict()   # a few SAT tensors' outputs (LRU)
+        self._scales: dict[str, torch.Tensor] = {}   # small; the writer stores scales before weights
         for ours, shape in plan.shapes.items():
             if storage == "fp8_e4m3fn" and fp8_eligible(ours, len(shape)):
                 self._keys[ours] = (ours, "q")
@@ -322,19 +324,25 @@ class _Converted(Mapping):
 
     def _source(self, ours: str) -> torch.Tensor:
         sat_key, index = self._plan.sources[ours]
-        if self._cache[0] != sat_key:
-            self._cache = (sat_key, _mtv_net().sat_to_mtv_tensors(sat_key, self._state[sat_key]))
-        return self._cache[1][index][1]
+        if sat_key not in self._cache:
+            self._cache[sat_key] = _mtv_net().sat_to_mtv_tensors(sat_key, self._state[sat_key])
+            while len(self._cache) > 4:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(sat_key)
+        return self._cache[sat_key][index][1]
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        from ..samplers.mtv_memory import quantize_fp8
+        from ..samplers.mtv_memory import fp8_scale, quantize_fp8
 
         ours, kind = self._keys[key]
         t = self._source(ours)
         if kind == "value":
             return t.to(self._dtype) if t.is_floating_point() else t
-        q, scale = quantize_fp8(t)
-        return q if kind == "q" else scale
+        if ours not in self._scales:
+            self._scales[ours] = fp8_scale(t)
+        if kind == "scale":
+            return self._scales[ours]
+        return quantize_fp8(t, self._scales[ours])[0]
 
     def __iter__(self):
         return iter(self._keys)

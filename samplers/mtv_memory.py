@@ -55,15 +55,19 @@ def fp8_eligible(key: str, ndim: int) -> bool:
     return key.endswith(".weight") and ndim in (2, 3) and key.startswith(FP8_SCOPES)
 
 
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, scale)`` with ``q`` float8_e4m3fn and ``scale`` fp32 of shape ``[out, 1, …]``:
-    per output channel ``scale = amax / 448`` (1 for an all-zero row), ``q = clamp(w / scale)``
-    rounded to nearest. The clamp matters: a cast past ±448 gives NaN, not saturation."""
-    w = weight.detach().float()
-    amax = w.abs().reshape(w.shape[0], -1).amax(dim=1)
+def fp8_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Per output channel ``amax / 448`` (1 for an all-zero row), fp32, shape ``[out, 1, …]``."""
+    amax = weight.detach().abs().reshape(weight.shape[0], -1).amax(dim=1).float()
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    scale = scale.reshape(-1, *([1] * (w.dim() - 1)))
-    q = (w / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return scale.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
+def quantize_fp8(weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` with ``q`` float8_e4m3fn and ``scale`` fp32 (:func:`fp8_scale` unless
+    given): ``q = clamp(w / scale, ±448)`` rounded to nearest. The clamp matters: a cast past
+    ±448 gives NaN, not saturation."""
+    scale = fp8_scale(weight) if scale is None else scale
+    q = (weight.detach().float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
@@ -232,9 +236,11 @@ class BlockSwap:
 
     def attach(self) -> "BlockSwap":
         streamed_ids = {id(t) for g in self.streamed for t in self._tensors(g)}
-        # everything else goes to the device once
+        # everything else goes to the device once (and back where it was on detach)
+        self._resident = []
         for t in list(self.model.parameters()) + list(self.model.buffers()):
             if id(t) not in streamed_ids:
+                self._resident.append((t, t.device))
                 t.data = t.data.to(self.device)
         for gi, group in enumerate(self.streamed):
             home = []
@@ -255,13 +261,17 @@ class BlockSwap:
         return self
 
     def detach(self) -> None:
-        """Remove the hooks and put every streamed tensor back (on the CPU)."""
+        """Remove the hooks; streamed tensors go back to their CPU copies, resident ones to the
+        device they were on before :meth:`attach`."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
         for home in self._home.values():
             for t, cpu in home:
                 t.data = cpu
+        for t, device in getattr(self, "_resident", []):
+            t.data = t.data.to(device)
+        self._resident = []
         self._home.clear()
         self._loaded.clear()
 

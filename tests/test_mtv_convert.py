@@ -252,3 +252,26 @@ def test_cli_converts_and_refuses_bad_input(tmp_path, ckpt, capsys):
     # the real-size config is the default: a tiny file's latent grid does not fit it, named before any writing
     assert main(["convert", "mtv", str(ckpt), "--out", str(out), "--no-source-hash"]) == 2
     assert "positional embedding" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("variant", ["single", "multi"])
+def test_the_released_sat_key_list_maps_onto_the_network(variant):
+    """``tests/data/mtv/network/sat_keys_*.json`` (mtv-net's fixture: the state-dict key -> shape map
+    of the released SAT network at the tiny parity config, read from the reference code) maps key
+    for key onto MTVTransformer, and its backbone part is exactly this factory's hand-written list."""
+    import json
+    from pathlib import Path
+
+    from tests.factories.mtv_files import sat_backbone_shapes
+
+    path = Path(__file__).parent / "data" / "mtv" / "network" / f"sat_keys_{variant}.json"
+    if not path.is_file():
+        pytest.skip("mtv-net's SAT key fixture is not here yet")
+    shapes = {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
+    cfg = tiny_mtv_config(speakers=2 if variant == "multi" else 1)
+    state = {SAT + k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    plan = L.plan_keys(state, path.name)
+    own = _meta_module(lambda: L._mtv_net().MTVTransformer(cfg)).state_dict()
+    L.check_state_fits(own, plan.shapes, path.name)
+    assert L.infer_config(plan.shapes, variant) == cfg
+    assert {k: s for k, s in shapes.items() if "audio" not in k} == sat_backbone_shapes(cfg)

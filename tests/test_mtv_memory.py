@@ -86,7 +86,7 @@ def test_fp8_storage_replaces_only_the_scoped_weights(tiny):
     assert 0 < rel < 0.1   # fp8 rounding of the block weights (measured ~2e-2 at this size)
 
 
-@pytest.mark.parametrize("blocks_on_gpu", [0, 1, 3])
+@pytest.mark.parametrize("blocks_on_gpu", [0, 2])
 def test_block_swap_on_cpu_gives_the_resident_output_bit_for_bit(tiny, blocks_on_gpu):
     net, inputs = tiny
     before = {k: v.clone() for k, v in net.state_dict().items()}
