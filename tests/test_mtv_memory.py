@@ -54,7 +54,9 @@ def test_quantize_never_overflows_to_nan():
 # with the MTV network
 # --------------------------------------------------------------------------------------
 
-mtv = pytest.importorskip("avsync.networks.mtv", reason="networks/mtv.py (mtv-net) not merged yet")
+def _mtv():
+    return pytest.importorskip("avsync.networks.mtv", reason="networks/mtv.py (mtv-net) not merged yet")
+
 
 SMALL = dict(latent_frames=3, latent_height=8, latent_width=8, audio_window_frames=9, audio_dim=96, dual_heads=4,
              audio_layers_per_frame=2, audio_context=2, text_dim=32, time_embed_dim=64, dual_mlp_dim=64,
@@ -63,6 +65,7 @@ SMALL = dict(latent_frames=3, latent_height=8, latent_width=8, audio_window_fram
 
 @pytest.fixture(scope="module")
 def tiny():
+    _mtv()
     from tests.factories.mtv import tiny_mtv_inputs, tiny_mtv_transformer
 
     net = tiny_mtv_transformer(seed=2, **SMALL)
@@ -115,7 +118,7 @@ def test_block_swap_refuses_impossible_counts(tiny):
 
 @pytest.fixture(scope="module")
 def released():
-    return M.MTVMemoryModel(mtv.MTVConfig.released("single"))
+    return M.MTVMemoryModel(_mtv().MTVConfig.released("single"))
 
 
 GB24 = 24 * 10 ** 9   # a "24 GB" card (RTX 3090/4090 report ~23.6-24.0e9 bytes)
