@@ -244,6 +244,11 @@ def test_sat_vae_converts_into_diffusers_strictly(tmp_path):
     assert vae.config.scaling_factor == L.VAE_SCALE
     for k, v in ref.state_dict().items():
         assert torch.equal(vae.state_dict()[k], v.bfloat16().float()), k
+    # a diffusers folder (model folder holding vae/) loads the same way, strictly
+    ref.save_pretrained(tmp_path / "CogVideoX" / "vae", safe_serialization=True)
+    folder_vae = L.load_mtv_vae(tmp_path / "CogVideoX", dtype=torch.float32)
+    assert folder_vae.config.scaling_factor == L.VAE_SCALE
+    assert all(torch.equal(folder_vae.state_dict()[k], v) for k, v in ref.state_dict().items())
 
 
 def test_cli_converts_and_refuses_bad_input(tmp_path, ckpt, capsys):
