@@ -74,6 +74,8 @@ def quantize_fp8(weight: torch.Tensor, scale: Optional[torch.Tensor] = None) -> 
 #: elements dequantised at a time: bounds the fp32 transient (torch has no fp8 × fp32 kernel
 #: writing bf16 directly) to 64 MB; the bf16 result is the only full-size allocation
 DEQUANT_CHUNK = 1 << 24
+#: weights per output-channel chunk of an :class:`FP8Conv1d` (bounds its bf16 transient to 128 MB)
+CONV_CHUNK = 1 << 26
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -136,8 +138,21 @@ class FP8Conv1d(_FP8Weight):
         self._init_fp8(tuple(conv.weight.shape), conv.bias is not None, compute_dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv1d(x.to(self.compute_dtype), self.dequantized_weight(), self._bias(), self.stride,
-                        self.padding, self.dilation, self.groups)
+        x = x.to(self.compute_dtype)
+        per_channel = self.weight[0].numel()
+        rows = max(1, CONV_CHUNK // per_channel)
+        if self.groups != 1 or self.weight.shape[0] <= rows:
+            return F.conv1d(x, self.dequantized_weight(), self._bias(), self.stride, self.padding, self.dilation,
+                            self.groups)
+        # MTV's audio projection conv1 (24576² × 2 = 1.21 B weights): dequantising it whole would hold
+        # a 2.4 GB bf16 copy; output-channel chunks bound that to CONV_CHUNK elements
+        bias = self._bias()
+        outs = []
+        for i in range(0, self.weight.shape[0], rows):
+            w = dequantize_fp8(self.weight[i:i + rows], self.weight_scale[i:i + rows], self.compute_dtype)
+            outs.append(F.conv1d(x, w, None if bias is None else bias[i:i + rows], self.stride, self.padding,
+                                 self.dilation))
+        return torch.cat(outs, dim=1)
 
 
 def fp8_module_names(model: nn.Module) -> list[str]:
@@ -363,7 +378,7 @@ class MTVMemoryModel:
     activations are analytic: the residual stream ``X = batch · tokens · hidden · 2`` bytes, and
     the peak inside a block is the MLP (input, norm, 4× hidden GELU input and output, residual,
     attention output): ``(2·mlp_ratio + 6) · X``. fp8 adds the bf16 copy of the largest fp8
-    weight dequantised during its call. Block swap holds the resident part plus two streamed
+    weight dequantised at once (a Linear's whole weight; Conv1d chunks of :data:`CONV_CHUNK`). Block swap holds the resident part plus two streamed
     groups (the one computing and the one being copied in). T5 and wav2vec2 are unloaded
     before sampling and are not counted; decoding runs after the transformer is offloaded."""
 
@@ -415,8 +430,9 @@ class MTVMemoryModel:
             biggest = sorted((self._bytes(g, s.storage) for g in streamed), reverse=True)[:2]
             weights = resident + sum(biggest)
         transient = 0
-        if s.storage == "fp8":
-            transient = 2 * max(t.numel() for n, t in self._names.items() if fp8_eligible(n, t.dim()))
+        if s.storage == "fp8":   # the bf16 copy of the largest weight dequantised at once
+            transient = 2 * max(min(t.numel(), CONV_CHUNK) if t.dim() == 3 else t.numel()
+                                for n, t in self._names.items() if fp8_eligible(n, t.dim()))
         sampling = weights + self.activation_bytes(s) + transient + _OVERHEAD
         frames = 4 * 2  # one decode chunk: 2 latent frames -> up to 8 video frames
         pixels = (s.latent_height * 8) * (s.latent_width * 8) * frames
