@@ -284,3 +284,15 @@ def test_the_released_sat_key_list_maps_onto_the_network(variant):
     L.check_state_fits(own, plan.shapes, path.name)
     assert L.infer_config(plan.shapes, variant) == cfg
     assert {k: s for k, s in shapes.items() if "audio" not in k} == sat_backbone_shapes(cfg)
+
+
+def test_numpy1_saved_checkpoint_loads_weights_only():
+    """A file saved under numpy 1.26 names ``numpy.core.multiarray._reconstruct``; under numpy 2
+    it loads only because that name is allowlisted too (tests/data/mtv/convert/README.md)."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "mtv" / "convert" / "ds_numpy1_mp_rank_00_model_states.pt"
+    assert "numpy.core.multiarray._reconstruct" in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    _, state = L.read_sat_checkpoint(path)
+    expected = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)).bfloat16()
+    assert list(state) == [SAT + "time_embed.0.weight"] and torch.equal(state[SAT + "time_embed.0.weight"], expected)
