@@ -275,6 +275,7 @@ AVSYNC_MODEL_FOLDERS = {
     "avsync_demix": "avsync/demix",
     "avsync_keyvid": "avsync/keyvid",
     "avsync_svd_backward": "avsync/svd_backward",
+    "avsync_mtv": "avsync/mtv",
 }
 
 _models_dir_override: Optional[Path] = None
