@@ -33,15 +33,28 @@ import torch
 from ..core.errors import ModelFormatError
 from ..networks.mtv_encoders import MTV_VAE_SCALE, MTVAudioEncoder, MTVVae
 from .checked_file import load_pickled_checked, open_checked
-from .svd import _assign, _meta_module, _weight_files, parse_dtype
+from .svd import LazyStateDict, _assign, _meta_module, _weight_files, parse_dtype
 
-def _read_all(files, what: str) -> dict[str, torch.Tensor]:
-    """Every tensor of one or more (sharded) safetensors files, checked by :func:`open_checked`."""
-    out = {}
-    for f in files:
-        h = open_checked(f, what=what)
-        out.update({k: h[k] for k in h})
-    return out
+def _read_all(files, what: str) -> LazyStateDict:
+    """The tensors of one or more (sharded) safetensors files, each file checked by :func:`open_checked`;
+    read when accessed, so converting tensor by tensor peaks at the converted model plus one tensor."""
+    return LazyStateDict(list(files), what=what)
+
+
+def read_transformers_folder(folder: Path, what: str) -> tuple[dict, Mapping[str, torch.Tensor]]:
+    """``(config, tensors)`` of a transformers model folder: ``config.json`` and ``model.safetensors``
+    (sharded too; lazy) or ``pytorch_model.bin`` (``torch.load(weights_only=True)``)."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelFormatError(f"{folder}: no config.json; expected {what}")
+    files = _weight_files(folder, "model")
+    if files:
+        raw: Mapping[str, torch.Tensor] = _read_all(files, what)
+    elif (folder / "pytorch_model.bin").is_file():
+        raw = load_pickled_checked(folder / "pytorch_model.bin", what=what)
+    else:
+        raise ModelFormatError(f"{folder}: no model.safetensors or pytorch_model.bin; expected {what}")
+    return json.loads(cfg_path.read_text()), raw
 
 
 # --------------------------------------------------------------------------------------
@@ -120,17 +133,7 @@ def load_mtv_audio_encoder(path, dtype=torch.float32, device="cpu", normalize: O
     dtype = parse_dtype(dtype)
     do_normalize = True
     if path.is_dir():
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise ModelFormatError(f"{path}: no config.json; expected {WAV2VEC_WHAT}")
-        config = json.loads(cfg_path.read_text())
-        files = _weight_files(path, "model")
-        if files:
-            raw = _read_all(files, WAV2VEC_WHAT)
-        elif (path / "pytorch_model.bin").is_file():
-            raw = load_pickled_checked(path / "pytorch_model.bin", what=WAV2VEC_WHAT)
-        else:
-            raise ModelFormatError(f"{path}: no model.safetensors or pytorch_model.bin; expected {WAV2VEC_WHAT}")
+        config, raw = read_transformers_folder(path, WAV2VEC_WHAT)
         pp = path / "preprocessor_config.json"
         if pp.is_file():
             do_normalize = bool(json.loads(pp.read_text()).get("do_normalize", True))
@@ -165,8 +168,8 @@ def comfy_t5_state(raw: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[
     ``scale_input`` tensors (fp8 matmul inputs) are not needed for a widened weight."""
     out = {}
     for k in raw:
-        if k in _T5_MARKERS or k.endswith((".scale_weight", ".scale_input")):
-            continue
+        if k in _T5_MARKERS or k.endswith((".scale_weight", ".scale_input")) or k.startswith(("decoder.", "lm_head.")):
+            continue  # markers, scales (applied below), and a full T5's decoder
         t = raw[k]
         scale_key = k[: -len("weight")] + "scale_weight" if k.endswith(".weight") else None
         if scale_key is not None and scale_key in raw:
@@ -216,21 +219,10 @@ def load_t5_encoder(path, dtype=torch.bfloat16, device="cpu"):
     dtype = parse_dtype(dtype)
     if path.is_dir():
         folder = path / "text_encoder" if (path / "text_encoder" / "config.json").is_file() else path
-        cfg_path = folder / "config.json"
-        if not cfg_path.is_file():
-            raise ModelFormatError(f"{path}: no config.json; expected {T5_WHAT}")
-        files = _weight_files(folder, "model")
-        if files:
-            raw = _read_all(files, T5_WHAT)
-        elif (folder / "pytorch_model.bin").is_file():
-            raw = load_pickled_checked(folder / "pytorch_model.bin", what=T5_WHAT)
-        else:
-            raise ModelFormatError(f"{folder}: no model.safetensors or pytorch_model.bin; expected {T5_WHAT}")
-        raw = {k: v for k, v in raw.items() if not k.startswith(("decoder.", "lm_head."))}
-        config = dict(json.loads(cfg_path.read_text()), is_encoder_decoder=False)
+        config, raw = read_transformers_folder(folder, T5_WHAT)
+        config["is_encoder_decoder"] = False
     elif path.is_file():
-        h = open_checked(path, what=T5_WHAT, required_prefixes=("encoder.block.", "shared."))
-        raw = {k: h[k] for k in h}
+        raw = open_checked(path, what=T5_WHAT, required_prefixes=("encoder.block.", "shared."))  # lazy
         config = None
     else:
         raise ModelFormatError(f"{path}: no such file or folder; expected {T5_WHAT}")
