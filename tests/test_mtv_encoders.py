@@ -302,6 +302,29 @@ def test_chunked_decode_equals_diffusers_frame_batching(tiny_vae):
     assert (cold.permute(0, 2, 1, 3, 4) - frames).abs().max() > 1e-3
 
 
+SAT_DECODER = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32, latent_channels=16,
+                   sample_height=16, sample_width=24)  # SAT's Normalize3D hard-codes 32 groups
+
+
+def test_decode_matches_sats_chunked_decoder():
+    """The released decode loop (``sample_video.py``: chunks [0:3], [3:5], … through SAT's
+    ``ContextParallelDecoder3D`` with ``clear_fake_cp_cache`` False until the last chunk) on a tiny random
+    decoder, weights renamed with diffusers' ``convert_cogvideox_to_diffusers.py`` VAE rules
+    (tests/data/mtv/encoders/README.md)."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    data = load_file(str(DATA / "sat_vae_decode.safetensors"))
+    vae = AutoencoderKLCogVideoX(**SAT_DECODER).eval()
+    vae.decoder.load_state_dict({k[len("decoder."):]: v.float() for k, v in data.items() if k.startswith("decoder.")},
+                                strict=True)
+    latents = 0.7 * data["io.latent"].float().permute(0, 2, 1, 3, 4)  # MTVVae takes scaled [B, T, C, h, w]
+    frames = MTVVae(vae).decode(latents).permute(0, 2, 1, 3, 4)
+    ref = data["io.frames"]
+    assert frames.shape == ref.shape == (1, 3, 49, 16, 24)
+    # measured floor 3.8e-6 on values up to 5.2 (the ×0.7 / ÷0.7 round trip and conv summation order)
+    assert (frames - ref).abs().max().item() <= 2e-5
+
+
 def test_encode_is_a_scaled_posterior_sample(tiny_vae):
     wrapper = MTVVae(tiny_vae)
     frames = torch.rand(2, 5, 3, 16, 24) * 2 - 1
