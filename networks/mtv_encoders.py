@@ -93,7 +93,7 @@ class MTVAudioEncoder(nn.Module):
         count ``N = 1 + (clip_length − 1)·k`` (``AudioProcessor.preprocess``; the same float arithmetic)."""
         seq_len = math.ceil(samples / sample_rate * fps)
         period = clip_length - 1
-        if clip_length > 0 and (seq_len - 1) % period != 0:
+        if period > 0 and (seq_len - 1) % period != 0:
             return seq_len, seq_len + period - (seq_len - 1) % period
         return seq_len, seq_len
 

@@ -212,6 +212,11 @@ def test_encode_prompt_pads_to_226_without_mask(tmp_path, tokenizer):
     assert torch.equal(uncond_prompt_embedding(emb), torch.zeros_like(emb))
 
 
+def test_tokenizer_outside_comfyui_needs_a_folder():
+    with pytest.raises(ModelFormatError, match="no T5 tokenizer"):
+        load_t5_tokenizer()
+
+
 def test_long_prompts_are_truncated_to_226_tokens(tmp_path, tokenizer):
     folder, _ = ff.write_tiny_t5(tmp_path / "t5", seed=2)
     t5 = load_t5_encoder(folder, dtype=torch.float32)
