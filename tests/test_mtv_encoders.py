@@ -212,6 +212,27 @@ def test_encode_prompt_pads_to_226_without_mask(tmp_path, tokenizer):
     assert torch.equal(uncond_prompt_embedding(emb), torch.zeros_like(emb))
 
 
+def test_encode_prompt_matches_released_t5_embedder():
+    """``FrozenT5Embedder.forward`` (transformers 4.45.2, sentencepiece ``T5Tokenizer``) on a tiny random T5
+    and a tiny SentencePiece vocabulary (tests/data/mtv/encoders/README.md); ours reads the same vocabulary
+    as a ``tokenizer.json`` (the form ComfyUI ships) and the encoder folder through our loader."""
+    from safetensors import safe_open
+
+    ref_path = DATA / "t5" / "t5_ref.safetensors"
+    ref = load_file(str(ref_path))
+    with safe_open(str(ref_path), "pt") as f:
+        prompts = json.loads(f.metadata()["prompts"])
+    tok = load_t5_tokenizer(DATA / "t5" / "tokenizer")
+    ids = tok(prompts, truncation=True, max_length=226, padding="max_length", return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, ref["input_ids"])  # the same token ids as the released slow tokenizer
+    t5 = load_t5_encoder(DATA / "t5" / "text_encoder", dtype=torch.float32)
+    emb = encode_prompt(t5, tok, prompts)
+    assert emb.shape == ref["z"].shape == (2, 226, 32)
+    # measured floor 4.2e-5 (values up to 3.9): transformers 5 runs T5 attention with SDPA, 4.45 eagerly;
+    # with attn_implementation="eager" the two are bit-equal
+    assert (emb - ref["z"]).abs().max().item() <= 2e-4
+
+
 def test_tokenizer_outside_comfyui_needs_a_folder():
     with pytest.raises(ModelFormatError, match="no T5 tokenizer"):
         load_t5_tokenizer()
