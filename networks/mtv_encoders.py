@@ -253,9 +253,10 @@ class MTVVae:
 
         ``diffusion_video.py:SATVideoDiffusionEngine.encode_first_stage`` samples the posterior
         (``DiagonalGaussianRegularizer(sample=True)``), it does not take its mean. ``noise`` is a core
-        noise source (ε from its ``conditioning`` draw — the clean frames are conditioning, and the
-        draw then stays out of the solver's re-noise sequence), an ε tensor shaped like the latents,
-        or None for the posterior mean."""
+        noise source (ε from its ``conditioning`` draw — the clean frames are conditioning: with
+        ``InjectedNoise`` the given re-noise draws of the solver are not consumed; with ``SeededNoise`` it is
+        one more draw from the run's generator, in run order), an ε tensor shaped like the latents, or
+        None for the posterior mean."""
         mean, std = self.posterior(frames)
         if noise is None:
             z = mean

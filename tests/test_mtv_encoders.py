@@ -364,12 +364,14 @@ def test_encode_is_a_scaled_posterior_sample(tiny_vae):
     assert (z - ref).abs().max().item() <= 1e-6  # measured floor 0 (same ops)
     assert torch.equal(wrapper.encode(frames, None), 0.7 * mean)
     assert (z - 0.7 * mean).abs().max() > 1e-3  # a sample, not the mean (std ≈ 1 at random weights)
-    # from a noise source: its conditioning draw, so the same seed gives the same latents and the
-    # solver's re-noise draws are left alone
+    # from a noise source: its conditioning draw (same seed → same latents; injected conditioning draws
+    # are used, injected re-noise draws are left for the solver)
     a, b = wrapper.encode(frames, SeededNoise(7)), wrapper.encode(frames, SeededNoise(7))
     assert torch.equal(a, b)
-    injected = InjectedNoise(conditioning=[eps])
+    solver_draw = torch.randn(3)
+    injected = InjectedNoise(conditioning=[eps], renoise=[solver_draw])
     assert torch.equal(wrapper.encode(frames, injected), z)
+    assert torch.equal(injected.renoise((3,)), solver_draw)
     with pytest.raises(ValueError, match="does not fit"):
         wrapper.encode(frames, torch.randn(1, 2, 16, 2, 3))
 
