@@ -375,6 +375,16 @@ def clip_bpe_tokenizer_dir() -> Optional[Path]:
     return d if (d / "vocab.json").is_file() and (d / "merges.txt").is_file() else None
 
 
+def comfy_t5_tokenizer_dir() -> Optional[Path]:
+    """ComfyUI's copy of the T5 v1.1 tokenizer (``comfy/text_encoders/t5_tokenizer``: ``tokenizer.json``)
+    when ComfyUI has imported ``comfy``; None otherwise."""
+    comfy = sys.modules.get("comfy")
+    if comfy is None or not getattr(comfy, "__file__", None):
+        return None
+    d = Path(comfy.__file__).parent / "text_encoders" / "t5_tokenizer"
+    return d if (d / "tokenizer.json").is_file() else None
+
+
 # --------------------------------------------------------------------------------------
 # Input folder
 # --------------------------------------------------------------------------------------

@@ -255,11 +255,15 @@ def open_checked(path, *, what: str, required_prefixes: Iterable[str] = (),
 
 
 def load_pickled_checked(path, *, what: str, required_prefixes: Iterable[str] = (),
-                         family_hint: str | None = None, mmap: bool = True) -> dict[str, torch.Tensor]:
+                         family_hint: str | None = None, mmap: bool = True,
+                         safe_globals: Iterable = ()) -> dict[str, torch.Tensor]:
     """The tensors of a pickled PyTorch checkpoint, read with ``torch.load(weights_only=True)``.
 
     Unwraps ``{"state_dict": ...}`` (Lightning), ``{"model": ...}`` / ``{"module": ...}`` nesting;
     non-tensor entries are dropped. Same checks and errors as :func:`open_checked`.
+    ``safe_globals``: extra globals the weights-only unpickler may build for this file only
+    (``torch.serialization.safe_globals``; e.g. the numpy RNG state DeepSpeed saves, see
+    ``loaders/mtv.py:sat_safe_globals``).
     """
     path = Path(os.fspath(path))
     size = _check_path(path, what, family_hint)
@@ -273,7 +277,8 @@ def load_pickled_checked(path, *, what: str, required_prefixes: Iterable[str] = 
         raise _fail(path, "is a safetensors file, not a pickled checkpoint: give it to the loader directly",
                     what, family_hint)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and head.startswith(b"PK"))
+        with torch.serialization.safe_globals(list(safe_globals)):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap and head.startswith(b"PK"))
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise _fail(path, f"cannot be read as a weights-only PyTorch checkpoint ({first[:300]})", what,

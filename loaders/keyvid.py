@@ -51,10 +51,7 @@ so converting holds one tensor at a time, not the checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,17 +62,23 @@ import torch
 from .. import compat
 from ..core.errors import InputError, MissingModelError, ModelFormatError
 from ..core.modules import module_bytes
+from .common import (
+    _ST_DTYPES,
+    _assign,
+    _cast_all,
+    _meta_module,
+    _View,
+    check_state_fits,
+    sha256_file,
+    write_safetensors_streamed,
+)
 from .model_files import ModelFileSpec, register
 from .svd import (
     DTYPES,
     OPENCLIP_VIT_H_HEAD_DIM,
-    _assign,
-    _cast_all,
     _is_vae_1x1_attention,
-    _meta_module,
     auto_precision,
     build_clip_from_openclip,
-    check_state_fits,
     infer_clip_config,
     openclip_resblocks_to_transformers,
     parse_dtype,
@@ -489,63 +492,11 @@ def check_component(component: str, state: Mapping[str, torch.Tensor], model_par
 # Streamed safetensors writing
 # --------------------------------------------------------------------------------------
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
 def _target_dtype(component: str, t: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     # the schedule stays fp32 (it is arithmetic, not weights); non-float tensors keep their type
     if component == "schedule" or not t.is_floating_point():
         return t.dtype
     return dtype
-
-
-def write_safetensors_streamed(path, tensors: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype],
-                               metadata: Mapping[str, str]) -> tuple[str, int]:
-    """Write a safetensors file one tensor at a time (cast on the fly); return ``(sha256, bytes)``.
-
-    The header is computed from shapes alone, so the peak is one converted tensor. The file is
-    written to ``<name>.partial`` and renamed when complete: an error leaves no half-written file.
-    """
-    path = Path(path)
-    names = sorted(tensors, key=lambda k: (-torch.empty((), dtype=dtypes[k]).element_size(), k))
-    header: dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
-    offset = 0
-    for k in names:
-        t = tensors[k]
-        size = t.numel() * torch.empty((), dtype=dtypes[k]).element_size()
-        header[k] = {"dtype": _ST_DTYPES[dtypes[k]], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    digest = hashlib.sha256()
-    tmp = path.with_name(path.name + ".partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in (struct.pack("<Q", len(blob)), blob):
-                f.write(chunk)
-                digest.update(chunk)
-            for k in names:
-                t = tensors[k].detach().to(device="cpu", dtype=dtypes[k]).contiguous()
-                raw = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
-                f.write(raw)
-                digest.update(raw)
-                del t
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest.hexdigest(), 8 + len(blob) + offset
-
-
-def sha256_file(path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------
@@ -876,7 +827,6 @@ def build_image_encoder(state: Mapping[str, torch.Tensor], config: dict, dtype: 
     """``FrozenOpenCLIPImageEmbedderV2`` on transformers' ``CLIPVisionModelWithProjection``
     (the conversion is the SVD loader's: ``loaders/svd.py:build_clip_from_openclip``)."""
     from ..networks.keyvid_encoders import OpenCLIPImageEncoder
-    from .svd import _View
 
     visual = _View(state, "visual.")
     head_dim = int(config.get("head_dim", OPENCLIP_VIT_H_HEAD_DIM))

@@ -42,6 +42,7 @@ from .. import compat
 from ..core.errors import ModelFormatError
 from ..core.modules import module_bytes
 from .checked_file import load_pickled_checked, open_checked
+from .common import _assign, _cast_all, _import_model_libraries, _meta_module, _View, check_state_fits  # noqa: F401
 from .model_files import ModelFileSpec, register
 
 # --------------------------------------------------------------------------------------
@@ -286,25 +287,6 @@ class BackwardMotionDelta:
 
 
 
-def _import_model_libraries() -> None:
-    """Import the diffusers / transformers model modules before a meta-device build.
-
-    Their modules load lazily on first use, and transformers' CLIP code pulls in torchaudio
-    (when installed) as it does: inside ``torch.device("meta")`` every tensor those imports
-    create at module level lands on the meta device for the rest of the process (torchaudio's
-    ``compliance.kaldi.EPSILON``: every later kaldi fbank call in ComfyUI, ours or another
-    pack's, would fail). Importing them outside the context creates those tensors normally."""
-    import diffusers.models  # noqa: F401
-    from diffusers import AutoencoderKL, AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel  # noqa: F401
-    from transformers import CLIPTextModel, CLIPVisionModelWithProjection  # noqa: F401
-
-
-def _meta_module(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    _import_model_libraries()
-    with torch.device("meta"):
-        return build()
-
-
 def _build_unet(config: dict):
     from diffusers import UNetSpatioTemporalConditionModel
 
@@ -322,52 +304,6 @@ def _build_clip(config: dict):
 
     cfg = CLIPVisionConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
     return _meta_module(lambda: CLIPVisionModelWithProjection(cfg))
-
-
-def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> torch.nn.Module:
-    """Load ``state`` into a meta-built module (exact key match) and check nothing stayed on meta."""
-    check_state_fits(module.state_dict(), state, what)
-    module.load_state_dict(state, strict=True, assign=True)
-    # Non-persistent buffers are not in the file: recreate the ones these networks have.
-    for name, buf in list(module.named_buffers()):
-        if buf.is_meta:
-            if name.endswith("position_ids"):
-                owner = module.get_submodule(name.rsplit(".", 1)[0])
-                owner.register_buffer(
-                    "position_ids", torch.arange(buf.shape[-1]).expand(tuple(buf.shape)), persistent=False
-                )
-            else:
-                raise ModelFormatError(f"{what}: buffer {name} was not initialised")
-    leftover = [n for n, p in module.named_parameters() if p.is_meta]
-    if leftover:
-        raise ModelFormatError(f"{what}: parameters left uninitialised: {', '.join(leftover[:4])}")
-    return module.eval().requires_grad_(False)
-
-
-def check_state_fits(own: Mapping[str, Any], state: Mapping[str, Any], what: str,
-                     shown: Callable[[str], str] = lambda k: k) -> None:
-    """Raise :class:`ModelFormatError` naming missing / unexpected / mis-shaped tensors unless
-    ``state`` has exactly the names and shapes of ``own``. Values are tensors (meta ones do) or
-    shape tuples; ``shown`` turns a name into the one the user's file has (e.g. with its prefix)."""
-    def shape(v):
-        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
-
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ModelFormatError(
-            f"{what}: the weights do not match the network built from the config"
-            + (f"; missing {len(missing)} (e.g. {', '.join(shown(k) for k in missing[:4])})" if missing else "")
-            + (f"; unexpected {len(unexpected)} (e.g. {', '.join(shown(k) for k in unexpected[:4])})"
-               if unexpected else "")
-        )
-    bad = [k for k in sorted(state) if shape(state[k]) != shape(own[k])]
-    if bad:
-        k = bad[0]
-        raise ModelFormatError(
-            f"{what}: {len(bad)} tensors have the wrong shape, e.g. {shown(k)}: file {shape(state[k])} "
-            f"vs network {shape(own[k])}"
-        )
 
 
 class LazyStateDict(Mapping):
@@ -397,20 +333,6 @@ class LazyStateDict(Mapping):
 
     def __len__(self) -> int:
         return len(self._where)
-
-
-def _cast_all(state: Mapping, dtype: torch.dtype, names: Optional[Mapping[str, str]] = None) -> dict:
-    """Read every tensor of ``state`` (optionally renamed via ``names``: new -> old) cast to ``dtype``.
-
-    Only floating tensors are cast; each source tensor is read and converted on its own, so the
-    peak is the converted model plus one tensor.
-    """
-    out = {}
-    items = names.items() if names is not None else ((k, k) for k in state)
-    for new, old in items:
-        t = state[old]
-        out[new] = t.to(dtype) if t.is_floating_point() else t
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -856,21 +778,6 @@ def _check_mapped_keys(ldm: Mapping, expected, what: str) -> None:
 def _prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> dict:
     """A lazy view of the tensors under ``prefix`` with the prefix removed."""
     return _View(state, prefix)
-
-
-class _View(Mapping):
-    def __init__(self, state: Mapping, prefix: str):
-        self._state, self._prefix = state, prefix
-        self._keys = [k[len(prefix):] for k in state if k.startswith(prefix)]
-
-    def __getitem__(self, k):
-        return self._state[self._prefix + k]
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
 
 
 def load_svd_single_file(path, dtype=torch.float16, *, unet_head_dim: Optional[int] = None,
