@@ -178,9 +178,9 @@ def add_node_arguments(parser: argparse.ArgumentParser, node_id: str, *,
             group.add_argument(flag, dest=dest, default=default, type=_number(kind, lo, hi),
                                metavar="N" if kind == "INT" else "X", help=_help(tooltip, default, lo, hi))
         elif kind == "BOOLEAN":
-            # BooleanOptionalAction appends "(default: ...)" itself
+            # BooleanOptionalAction appended "(default: ...)" itself up to Python 3.11.5; not since
             group.add_argument(flag, dest=dest, default=bool(default), action=argparse.BooleanOptionalAction,
-                               help=_help(tooltip, None))
+                               help=_help(tooltip, bool(default)))
         else:  # STRING
             group.add_argument(flag, dest=dest, default=default, metavar="TEXT", help=_help(tooltip, default))
         binding.dests[name] = dest
