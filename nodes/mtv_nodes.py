@@ -9,6 +9,7 @@ import weakref
 
 from ..core.audio import check_audio
 from ..core.errors import InputError
+from .keyvid_loader_nodes import _file_key
 from .sockets import AUDIO, GUIDANCE, IMAGE, MTV_MODEL
 
 log = logging.getLogger("avsync")
@@ -85,11 +86,6 @@ def _tokenizer_folder(t5_path):
         if cand.is_dir() and any((cand / f).is_file() for f in ("tokenizer.json", "spiece.model")):
             return cand
     return compat.find_model_file("avsync_mtv", TOKENIZER_DIR)
-
-
-def _file_key(path) -> tuple:
-    st = path.stat()
-    return (str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
 class AVSyncMTVLoader:
