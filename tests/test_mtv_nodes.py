@@ -162,3 +162,13 @@ def test_memory_check_refuses_before_any_model_runs(mtv_model):
         assert calls
     finally:
         hook.remove()
+
+
+def test_speech_left_unconnected_is_silence(mtv_model):
+    from avsync.nodes.mtv_nodes import AVSyncMTVGenerator
+
+    tracks = _tracks()
+    quick = dict(GEN, steps=1, max_windows=1)
+    silent = dict(tracks, speech=make_audio(torch.zeros(2, int(0.6 * 22050)), 22050))
+    without = AVSyncMTVGenerator().generate(mtv_model, effects=tracks["effects"], music=tracks["music"], **quick)
+    assert torch.equal(without["result"][0], AVSyncMTVGenerator().generate(mtv_model, **silent, **quick)["result"][0])

@@ -310,3 +310,28 @@ def test_progress_counts_evaluations_across_windows_and_cancel_stops_the_run():
     finally:
         compat.request_interrupt(False)
     assert seen == [(1, 4), (2, 4), (3, 4)]
+
+
+def test_two_speakers_reach_the_network_and_are_zero_in_uncond():
+    from tests.factories.mtv import tiny_mtv_transformer
+    from tests.factories.mtv_pipeline_files import SMALL
+    from avsync.samplers.mtv import run_windows
+
+    _tiny()                                           # skips without the factories
+    net = tiny_mtv_transformer(seed=1, speakers=2, **SMALL)
+    _, vae = _tiny()
+    cfg = net.config
+    seen = []
+    hook = net.audio.audio_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    n = 9
+    feats = {k: _features(n, i, cfg) for i, k in enumerate(("speech", "effects", "music", "speech2"))}
+    text = torch.randn(1, cfg.text_tokens, cfg.text_dim, generator=torch.Generator().manual_seed(3))
+    try:
+        video = run_windows(net, vae, text, feats, window_plan(n, 9, frames=9), MTVSettings(steps=1, seed=0))
+    finally:
+        hook.remove()
+    assert video.shape == (9, 32, 48, 3)
+    # the shared speech projection runs for speaker 1, then speaker 2; row 0 (uncond) zeros in both
+    speaker1, speaker2 = seen
+    assert torch.count_nonzero(speaker1[0]) == 0 and torch.count_nonzero(speaker2[0]) == 0
+    assert torch.equal(speaker1[1], feats["speech"][:9]) and torch.equal(speaker2[1], feats["speech2"][:9])
