@@ -681,6 +681,10 @@ def load_mtv_model(variant: str, transformer, vae, t5, wav2vec, tokenizer=None, 
         raise InputError("storage", f"must be one of {', '.join(STORAGES)}, got {storage!r}")
     if precision not in PRECISIONS:
         raise InputError("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if tokenizer is None and compat.comfy_t5_tokenizer_dir() is None:
+        raise InputError("t5", "no T5 tokenizer: put one (tokenizer.json or spiece.model) in a tokenizer/ folder "
+                               "beside the T5 or in models/avsync/mtv/t5_tokenizer/ (CogVideoX's tokenizer/ "
+                               "folder works); inside ComfyUI its own copy is used")
     device = compat.torch_device()
     dtype = compute_dtype(precision, device)
     net = load_mtv_transformer(transformer, "cpu", dtype, storage).eval()

@@ -6,6 +6,7 @@ wav2vec2 folder."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -172,3 +173,14 @@ def test_speech_left_unconnected_is_silence(mtv_model):
     silent = dict(tracks, speech=make_audio(torch.zeros(2, int(0.6 * 22050)), 22050))
     without = AVSyncMTVGenerator().generate(mtv_model, effects=tracks["effects"], music=tracks["music"], **quick)
     assert torch.equal(without["result"][0], AVSyncMTVGenerator().generate(mtv_model, **silent, **quick)["result"][0])
+
+
+def test_no_tokenizer_outside_comfyui_names_the_t5_input(models, tmp_path):
+    from avsync.samplers.mtv import load_mtv_model
+
+    root, names = models
+    lone_t5 = tmp_path / "t5_without_tokenizer"
+    shutil.copytree(root / "text_encoders" / names["t5"], lone_t5, ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(InputError, match="^t5: no T5 tokenizer"):
+        load_mtv_model("single", root / "avsync" / "mtv" / names["transformer"], root / "avsync" / "mtv" / names["vae"],
+                       lone_t5, root / "audio_encoders" / names["wav2vec"], tokenizer=None)
