@@ -13,9 +13,12 @@ import torch
 from ..core.audio import resample
 from ..core.demix_dsp import STEMS, demix_dsp
 from ..core.loudness import LoudnessMeter, integrated_loudness
+from .bandit_chunking import bandit_overlap_add_stream
 from .chunking import overlap_add_stream, run_overlap_add
 
-METHODS = ("auto", "dsp", "model")
+METHODS = ("auto", "dsp", "model", "bandit_v2")
+MODEL_FAMILIES = ("bandit_v2",)           # methods that name the family of the connected model
+MODEL_METHODS = ("model",) + MODEL_FAMILIES
 REFERENCE_LUFS = -27.0   # the reference separate.py brings input to DnR's average loudness
 # Peak working memory of one dsp chunk per input sample and channel (STFT, magnitudes,
 # masks, three stems): measured with bench/bench_demix.py, ~184 MB for 20 s of 44.1 kHz
@@ -89,15 +92,22 @@ def model_chunk_processor(model, sample_rate: int, gain: float) -> Callable[[tor
     return process
 
 
+def uses_model(method: str, model) -> bool:
+    return method in MODEL_METHODS or (method == "auto" and model is not None)
+
+
 def _chunk_processor(method: str, model, sample_rate: int, gain: Callable[[], float]):
     """``(process, desc, use_model)`` for :func:`demix` and :func:`demix_blocks`."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    use_model = method == "model" or (method == "auto" and model is not None)
+    use_model = uses_model(method, model)
     if use_model and model is None:
-        raise ValueError("method 'model' needs a demix model")
+        raise ValueError(f"method '{method}' needs a demix model")
+    if method in MODEL_FAMILIES and model.family != method:
+        raise ValueError(f"method '{method}' needs a {method} demix model, got a {model.family} model")
     if use_model:
-        return model_chunk_processor(model, sample_rate, gain()), f"demix ({model.family})", True
+        g = gain() if model.loudness_normalize else 1.0
+        return model_chunk_processor(model, sample_rate, g), f"demix ({model.family})", True
 
     def process(c: torch.Tensor) -> torch.Tensor:
         return demix_dsp(c, sample_rate)
@@ -107,6 +117,23 @@ def _chunk_processor(method: str, model, sample_rate: int, gain: Callable[[], fl
 def _chunk_sizes(sample_rate: int, chunk_seconds: float, overlap: float) -> tuple[int, int]:
     chunk = max(1, int(round(chunk_seconds * sample_rate)))
     return chunk, int(round(min(max(overlap, 0.0), 0.5) * chunk))
+
+
+def demix_stream(process, blocks, sample_rate: int, model, chunk_seconds: float, overlap: float, desc: str,
+                 expected_total: Optional[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    """The chunker of the family: a model that brings its own (BandIt v2: 8 s chunks on a
+    1 s hop, Hann-weighted, :mod:`.bandit_chunking`) gets it, with its chunk and hop in
+    seconds at the input's rate (``chunk_seconds`` / ``overlap`` do not apply);
+    everything else gets AVSync's cross-faded chunks (:mod:`.chunking`)."""
+    plan = getattr(model, "chunking", None) if model is not None else None
+    if plan is not None and plan.get("kind") == "bandit":
+        chunk = int(plan["chunk_seconds"] * sample_rate)
+        hop = int(plan["hop_seconds"] * sample_rate)
+        yield from bandit_overlap_add_stream(process, blocks, chunk, hop, len(STEMS), desc=desc,
+                                             expected_total=expected_total)
+        return
+    chunk, ov = _chunk_sizes(sample_rate, chunk_seconds, overlap)
+    yield from overlap_add_stream(process, blocks, chunk, ov, len(STEMS), desc=desc, expected_total=expected_total)
 
 
 def demix(waveform: torch.Tensor, sample_rate: int, method: str = "auto", model=None,
@@ -122,10 +149,19 @@ def demix(waveform: torch.Tensor, sample_rate: int, method: str = "auto", model=
     ``out`` (``[3, C, T]``) receives the stems instead of a new tensor.
     """
     x = waveform.to(torch.float32)
+    if x.dim() != 2:
+        raise ValueError(f"waveform must be [C, T], got {tuple(x.shape)}")
     process, desc, use_model = _chunk_processor(method, model, sample_rate, lambda: input_gain(x, sample_rate))
-    chunk, ov = _chunk_sizes(sample_rate, chunk_seconds, overlap)
     try:
-        return run_overlap_add(process, x, chunk, ov, len(STEMS), desc=desc, sink=sink, out=out)
+        if sink is None and out is None:
+            out = torch.zeros(len(STEMS), *x.shape, dtype=x.dtype)
+        for start, block in demix_stream(process, [x], sample_rate, model if use_model else None, chunk_seconds,
+                                         overlap, desc, x.shape[-1]):
+            if sink is None:
+                out[:, :, start:start + block.shape[-1]] = block.to(out.device)
+            else:
+                sink(start, block)
+        return None if sink is not None else out
     finally:
         if use_model:
             model.managed.offload()
@@ -141,10 +177,9 @@ def demix_blocks(blocks: Iterable[torch.Tensor], sample_rate: int, method: str =
     whole signal (:func:`input_gain`, or a :class:`~avsync.core.loudness.LoudnessMeter`
     pass over it), as the reference normalises the whole file's loudness."""
     process, desc, use_model = _chunk_processor(method, model, sample_rate, lambda: gain)
-    chunk, ov = _chunk_sizes(sample_rate, chunk_seconds, overlap)
     try:
-        yield from overlap_add_stream(process, (b.to(torch.float32) for b in blocks), chunk, ov, len(STEMS),
-                                      desc=desc, expected_total=expected_total)
+        yield from demix_stream(process, (b.to(torch.float32) for b in blocks), sample_rate,
+                                model if use_model else None, chunk_seconds, overlap, desc, expected_total)
     finally:
         if use_model:
             model.managed.offload()
@@ -185,12 +220,12 @@ def demix_file(path: str | Path, out_dir: str | Path, method: str = "auto", mode
         for block in stream:
             yield to_channels(torch.from_numpy(block), channel_mode)
 
-    use_model = method == "model" or (method == "auto" and model is not None)
+    use_model = uses_model(method, model)
     with open_stream() as probe:   # fail on a bad file before any work
         sr = probe.sample_rate
         expected = probe.expected_samples
     gain = 1.0
-    if use_model:
+    if use_model and model is not None and model.loudness_normalize:
         def decode():
             with open_stream() as s:
                 yield from (b.numpy() for b in mixed(s))
