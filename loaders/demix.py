@@ -55,6 +55,31 @@ for _key, (_file, _sha, _size, _desc) in _RELEASED.items():
     ))
 DEFAULT_KEY = "mrx_default"
 
+_BANDIT_RECORD = "https://zenodo.org/records/12701995"
+_BANDIT_RELEASED = {
+    # key: (released file, sha256 of the .ckpt as quoted by third-party projects — not checked here, no download
+    # is possible on the build machine —, what it is)
+    "bandit_v2_multi": ("checkpoint-multi.ckpt",
+                        "abcfccf65446752a057f4a302c941479a54b7560ebf8d7bca039d2ea98e64cfc",
+                        "BandIt v2 trained on multilingual DnR v3 (the paper's main model)."),
+    "bandit_v2_eng": ("checkpoint-eng.ckpt", "3d14c48399ddb42be6fca6c316adc1b7d67d0e648e4e937359811aa6fa8b8cd2",
+                      "BandIt v2 trained on the English part of DnR v3."),
+}
+for _key, (_file, _sha, _desc) in _BANDIT_RELEASED.items():
+    SPECS[_key] = register(ModelFileSpec(
+        key=_key,
+        filename=f"{_key}.safetensors",
+        folder=FOLDER,
+        source=(f"{_BANDIT_RECORD}/files/{_file} (Zenodo, weights CC BY-SA 4.0, code Apache-2.0; .ckpt ~447 MB, "
+                f"sha256 {_sha} as quoted by others), then `avsync convert demix {_file} {_key}.safetensors`"),
+        description=_desc + " Speech / music / effects at 48 kHz, each channel separated on its own.",
+        size="149 MB",
+    ))
+BANDIT_DEFAULT_KEY = "bandit_v2_multi"
+# chunks per network call (the reference: inference_batch_size 10 on a GPU); 4 keeps the CPU working set of
+# the released size near 1 GB per channel (bench/bench_demix.py) while cutting the recurrences' step count 4x
+BANDIT_CHUNK_BATCH = 4
+
 
 @dataclass
 class DemixModel:
@@ -166,7 +191,7 @@ def load_demix_model(path: str | Path) -> DemixModel:
         return DemixModel(family=family, managed=managed, sample_rate=bcfg.sample_rate,
                           source_names=tuple(bcfg.stems), min_length=net.min_length, name=path.name,
                           chunking={"kind": "bandit", "chunk_seconds": bcfg.chunk_seconds,
-                                    "hop_seconds": bcfg.hop_seconds},
+                                    "hop_seconds": bcfg.hop_seconds, "batch": BANDIT_CHUNK_BATCH},
                           loudness_normalize=False)
     checked = open_checked(path, what="a converted MRX demix model (e.g. mrx_default.safetensors)",
                            required_prefixes=("_encoders.", "_decoders."), family_hint=hint)

@@ -12,8 +12,8 @@ checkpoint written by ``pytorch_lightning`` 2.6.6's ``Trainer.save_checkpoint``)
 * ``model.*``: the network (``src/models/bandit/bandit.py:Bandit``), including three kinds
   of derived tensors that conversion *checks* and then drops: the STFT windows
   (``stft.window``, ``istft.window``: periodic Hann), the per-band frequency weights
-  (``mask_estim.<stem>.freq_weights/<i>``, float64: they pin down the band layout, so a
-  wrong sample rate or band count is caught here) and the ``combined.*`` aliases of each
+  (``mask_estim.<stem>.freq_weights/<i>``, float64: they pin down the band layout, which
+  depends on n_fft and the band count only, not on the rate) and the ``combined.*`` aliases of each
   mask MLP (the same tensors registered twice);
 * ``inference_handler.scaled_window``: ``hann_window(chunk) / (chunk / (2 hop))`` of the
   chunker it was evaluated with, from which the chunk and hop are read.
@@ -87,8 +87,8 @@ def canonical_state(sd: dict, net, path) -> dict:
             ours = net.freq_weights[i] if i < len(net.freq_weights) else None
             if ours is None or v.shape != ours.shape or not torch.allclose(v.double(), ours.double(), atol=1e-6):
                 raise ModelFormatError(
-                    f"{path}: band {i}'s frequency weights do not match the musical band layout for n_fft "
-                    f"{n_fft}, {net.config.n_bands} bands at {net.config.sample_rate} Hz: wrong --sample-rate?")
+                    f"{path}: band {i}'s stored frequency weights ({k}) do not match the musical band layout of "
+                    f"n_fft {n_fft} with {net.config.n_bands} bands; not a released BandIt v2 layout")
             continue
         m = _ALIAS.match(k)
         if m:
@@ -110,6 +110,11 @@ def config_and_state(raw: dict, path, sample_rate: int, stems: Optional[list] = 
     missing = [p for p in REQUIRED_PREFIXES if not any(k.startswith(p) for k in sd)]
     if missing:
         raise ModelFormatError(f"{path}: not a BandIt v2 checkpoint (no tensors under {', '.join(missing)})")
+    if stems:
+        stored = list(dict.fromkeys(k.split(".")[1] for k in sd if k.startswith("mask_estim.")))
+        if sorted(stems) != sorted(stored):
+            raise ModelFormatError(f"{path}: its stems are {', '.join(stored)}; --sources can only reorder them, "
+                                   f"got {', '.join(stems)}")
     fixed = {"hop_length": int(hop_length)}
     if "inference_handler.scaled_window" in other:
         fixed["chunk_seconds"], fixed["hop_seconds"] = chunking_from_window(other["inference_handler.scaled_window"],

@@ -17,8 +17,9 @@ neighbours only), so it gets its own chunker here:
 Chunks that lie wholly inside the padding only feed samples that are cut away; they are
 skipped here (the reference computes and discards them), which changes no output sample.
 Input arrives block by block and finished output leaves as soon as no later chunk
-touches it, so memory is bounded: two chunks of input (the end reflection reaches back
-up to one chunk) and one chunk of output, whatever the length.
+touches it, so memory is bounded: two chunks plus one batch of hops of input (the end
+reflection reaches back up to one chunk), the batch's chunks and one chunk of output,
+whatever the length.
 """
 
 from __future__ import annotations
@@ -93,14 +94,19 @@ def _source_indices(q: torch.Tensor, n: Optional[int], front_reflect: int, end_r
 
 def bandit_overlap_add_stream(process: ChunkProcessor, blocks: Iterable[torch.Tensor], chunk: int, hop: int,
                               num_outputs: int, desc: str = "chunks", expected_total: Optional[int] = None,
-                              ) -> Iterator[tuple[int, torch.Tensor]]:
+                              batch: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
     """BandIt v2's chunked overlap-add over ``[C, n]`` blocks of one signal.
 
-    ``process(x [C, chunk]) -> [num_outputs, C, chunk]``. Yields finished output blocks
-    ``(start, [num_outputs, C, n])`` in order; the concatenation equals the reference's
-    ``StandardTensorChunkedInferenceHandler`` on the whole signal. ``expected_total`` only
-    sizes the progress bar.
+    ``process(x [C, chunk]) -> [num_outputs, C, chunk]`` must treat channels independently
+    (BandIt's released ``in_channels=1``): up to ``batch`` chunks go through one call
+    stacked along the channel axis, as the reference batches ``inference_batch_size``
+    chunks (one long recurrence over many short ones is much faster on a CPU). Yields
+    finished output blocks ``(start, [num_outputs, C, n])`` in order; their concatenation
+    equals the reference's ``StandardTensorChunkedInferenceHandler`` on the whole signal.
+    ``expected_total`` only sizes the progress bar.
     """
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
     source = iter(blocks)
     pieces: list[torch.Tensor] = []
     base = 0            # signal index of the first held input sample
@@ -118,8 +124,8 @@ def bandit_overlap_add_stream(process: ChunkProcessor, blocks: Iterable[torch.Te
     done = 0
     while True:
         compat.check_interrupted()
-        q_lo = k * hop - f
-        need = max(q_lo + chunk, 1 - q_lo) + 1
+        q_last = (k + batch - 1) * hop - f
+        need = max(q_last + chunk, 1 - (k * hop - f)) + 1
         while not exhausted and base + held < need:
             try:
                 b = next(source)
@@ -138,35 +144,41 @@ def bandit_overlap_add_stream(process: ChunkProcessor, blocks: Iterable[torch.Te
         if len(pieces) > 1:
             pieces = [torch.cat(pieces, dim=-1)]
         buf = pieces[0]
+        ks = list(range(k, k + batch))
         if n is not None:
             plan = BanditChunkPlan(n, chunk, hop)
-            if k > plan.chunk_indices[-1]:
+            ks = [j for j in ks if j <= plan.chunk_indices[-1]]
+            if not ks:
                 break
             fr, er = plan.front_reflect, plan.end_reflect
         else:   # the end is not in reach yet: only front reflection, and the signal is longer than it
             fr, er = f, 0
-        q = torch.arange(q_lo, q_lo + chunk)
-        idx, valid = _source_indices(q, n, fr, er)
-        local = idx - base
-        if bool(((local < 0) | (local >= held))[valid].any()):
-            raise RuntimeError("bandit chunker: input buffer does not cover the chunk (internal error)")
-        x = buf[:, local.clamp(0, max(held - 1, 0))] * valid.to(buf.dtype)
-        y = process(x)
-        if y.shape != (num_outputs, buf.shape[0], chunk):
+        c = buf.shape[0]
+        xs = []
+        for j in ks:
+            idx, valid = _source_indices(torch.arange(j * hop - f, j * hop - f + chunk), n, fr, er)
+            local = idx - base
+            if bool(((local < 0) | (local >= held))[valid].any()):
+                raise RuntimeError("bandit chunker: input buffer does not cover the chunk (internal error)")
+            xs.append(buf[:, local.clamp(0, max(held - 1, 0))] * valid.to(buf.dtype))
+        y = process(torch.cat(xs, dim=0))
+        if y.shape != (num_outputs, c * len(ks), chunk):
             raise RuntimeError(f"chunk processor returned {tuple(y.shape)}, expected "
-                               f"{(num_outputs, buf.shape[0], chunk)}")
+                               f"{(num_outputs, c * len(ks), chunk)}")
         if window is None:
             window = (torch.hann_window(chunk)[None, None, :] / (chunk / (2 * hop))).to(y.dtype)
-            acc = torch.zeros(num_outputs, buf.shape[0], chunk, dtype=y.dtype)
-        acc += y.to(acc.device) * window
-        done += 1
+            acc = torch.zeros(num_outputs, c, chunk, dtype=y.dtype)
+        for i, j in enumerate(ks):
+            q_lo = j * hop - f
+            acc += y[:, i * c:(i + 1) * c].to(acc.device) * window
+            done += 1
+            # positions before the next chunk's start are final
+            lo, hi = max(q_lo, 0), q_lo + hop if n is None else min(q_lo + hop, n)
+            if hi > lo:
+                yield lo, acc[:, :, lo - q_lo: hi - q_lo].clone()
+            acc = torch.cat([acc[:, :, hop:], torch.zeros_like(acc[:, :, :hop])], dim=-1)
         progress.update_absolute(done, max(done + 1, plan_total or 0))
-        # positions before the next chunk's start are final
-        lo, hi = max(q_lo, 0), q_lo + hop if n is None else min(q_lo + hop, n)
-        if hi > lo:
-            yield lo, acc[:, :, lo - q_lo: hi - q_lo].clone()
-        acc = torch.cat([acc[:, :, hop:], torch.zeros_like(acc[:, :, :hop])], dim=-1)
-        k += 1
+        k = ks[-1] + 1
         keep_from = max(0, k * hop - f - chunk)        # the end reflection reaches back one chunk
         if keep_from > base:
             drop = min(keep_from - base, held)
@@ -180,7 +192,7 @@ def bandit_overlap_add_stream(process: ChunkProcessor, blocks: Iterable[torch.Te
 
 def run_bandit_overlap_add(process: ChunkProcessor, waveform: torch.Tensor, chunk: int, hop: int, num_outputs: int,
                            desc: str = "chunks", sink: Optional[Callable[[int, torch.Tensor], None]] = None,
-                           out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                           out: Optional[torch.Tensor] = None, batch: int = 1) -> Optional[torch.Tensor]:
     """:func:`bandit_overlap_add_stream` on a whole ``[C, T]`` signal: returns
     ``[num_outputs, C, T]`` (into ``out`` if given), or hands blocks to ``sink``."""
     if waveform.dim() != 2:
@@ -188,7 +200,8 @@ def run_bandit_overlap_add(process: ChunkProcessor, waveform: torch.Tensor, chun
     c, t = waveform.shape
     if sink is None and out is None:
         out = torch.zeros(num_outputs, c, t, dtype=waveform.dtype, device=waveform.device)
-    for start, block in bandit_overlap_add_stream(process, [waveform], chunk, hop, num_outputs, desc, expected_total=t):
+    for start, block in bandit_overlap_add_stream(process, [waveform], chunk, hop, num_outputs, desc, expected_total=t,
+                                                  batch=batch):
         if sink is None:
             out[:, :, start:start + block.shape[-1]] = block.to(out.device)
         else:
