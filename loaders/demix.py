@@ -76,9 +76,9 @@ for _key, (_file, _sha, _desc) in _BANDIT_RELEASED.items():
         size="149 MB",
     ))
 BANDIT_DEFAULT_KEY = "bandit_v2_multi"
-# chunks per network call (the reference: inference_batch_size 10 on a GPU); 4 keeps the CPU working set of
-# the released size near 1 GB per channel (bench/bench_demix.py) while cutting the recurrences' step count 4x
-BANDIT_CHUNK_BATCH = 4
+# chunks per network call (the reference: inference_batch_size 10 on a GPU). One 8 s chunk of one channel at
+# the released size already needs ~0.7 GB of working memory (bench/bench_demix.py), so one at a time on a CPU
+BANDIT_CHUNK_BATCH = 1
 
 
 @dataclass

@@ -59,7 +59,7 @@ def test_conversion_reads_the_lightning_checkpoint(tiny, tmp_path):
     assert (cfg["n_bands"], cfg["n_sqm_modules"], cfg["emb_dim"], cfg["rnn_dim"], cfg["mlp_dim"]) == (8, 1, 8, 8, 16)
     assert (cfg["rnn_type"], cfg["bidirectional"], cfg["n_fft"], cfg["hop_length"]) == ("GRU", True, 256, 128)
     # chunk and hop read from the stored inference_handler.scaled_window
-    assert tiny.chunking == {"kind": "bandit", "chunk_seconds": 8.0, "hop_seconds": 1.0, "batch": 4}
+    assert tiny.chunking == {"kind": "bandit", "chunk_seconds": 8.0, "hop_seconds": 1.0, "batch": 1}
     assert tiny.loudness_normalize is False
     dst = convert_checkpoint(CKPT, tmp_path / "t.safetensors", sample_rate=TINY_RATE, hop=TINY_HOP)
     with safe_open(str(dst), framework="pt") as f:
