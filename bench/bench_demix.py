@@ -76,11 +76,37 @@ def rtf(method: str, seconds: float, repeats: int = 3) -> float:
     return seconds / best
 
 
+class _PeakAnon:
+    """Peak of :func:`_anon_mb` while the ``with`` body runs, sampled every ``interval`` s
+    from a thread; ``base`` is the level on entry."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = _anon_mb()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._done.is_set():
+            self.peak = max(self.peak, _anon_mb())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _anon_mb())
+        return False
+
+
 def _bandit_child() -> None:
     """Runs in a subprocess: one released-size BandIt v2 call on one 8 s mono chunk at
     48 kHz; prints {seconds, baseline_mb, peak_mb} (anonymous resident memory)."""
-    import threading
-
     import torch
 
     from avsync.networks.bandit_v2 import BanditV2
@@ -90,24 +116,12 @@ def _bandit_child() -> None:
     net = BanditV2().eval().requires_grad_(False)
     cfg = net.config
     x = torch.randn(1, 1, cfg.chunk_samples) * 0.1
-    base = _anon_mb()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _anon_mb())
-            time.sleep(0.005)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        net(x)
-    seconds = time.perf_counter() - t0
-    done.set()
-    t.join()
-    print(json.dumps({"seconds": seconds, "baseline_mb": base, "peak_mb": max(peak[0], _anon_mb()),
+    with _PeakAnon(0.005) as mem:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            net(x)
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "baseline_mb": mem.base, "peak_mb": mem.peak,
                       "params": sum(p.numel() for p in net.parameters())}))
 
 
@@ -138,8 +152,6 @@ def _anon_mb() -> float:
 def _memory_child(mode: str, seconds: float) -> None:
     """Runs in a subprocess: prints {baseline_mb, peak_mb} of anonymous resident memory,
     sampled every 2 ms while the demixer runs."""
-    import threading
-
     import torch
 
     from avsync.samplers.demix import demix
@@ -149,26 +161,14 @@ def _memory_child(mode: str, seconds: float) -> None:
     n = int(seconds * 44100)
     x = one.repeat(1, int(seconds) // 20 + 1)[:, :n].contiguous()
     demix(one, 44100, "dsp", chunk_seconds=20.0, sink=lambda start, block: None)  # warm-up: one chunk
-    base = _anon_mb()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _anon_mb())
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    if mode == "sink":
-        demix(x, 44100, "dsp", chunk_seconds=20.0, sink=lambda start, block: None)
-    elif mode == "chunked":
-        demix(x, 44100, "dsp", chunk_seconds=20.0)
-    else:
-        demix(x, 44100, "dsp", chunk_seconds=seconds + 1)
-    done.set()
-    t.join()
-    print(json.dumps({"baseline_mb": base, "peak_mb": max(peak[0], _anon_mb())}))
+    with _PeakAnon(0.002) as mem:
+        if mode == "sink":
+            demix(x, 44100, "dsp", chunk_seconds=20.0, sink=lambda start, block: None)
+        elif mode == "chunked":
+            demix(x, 44100, "dsp", chunk_seconds=20.0)
+        else:
+            demix(x, 44100, "dsp", chunk_seconds=seconds + 1)
+    print(json.dumps({"baseline_mb": mem.base, "peak_mb": mem.peak}))
 
 
 def memory(mode: str, seconds: float) -> float:

@@ -43,16 +43,17 @@ _RELEASED = {
 }
 
 SPECS: dict[str, ModelFileSpec] = {}
+
+
+def _register(key: str, source: str, description: str, size: str) -> None:
+    SPECS[key] = register(ModelFileSpec(key=key, filename=f"{key}.safetensors", folder=FOLDER, source=source,
+                                        description=description, size=size))
+
+
 for _key, (_file, _sha, _size, _desc) in _RELEASED.items():
-    SPECS[_key] = register(ModelFileSpec(
-        key=_key,
-        filename=f"{_key}.safetensors",
-        folder=FOLDER,
-        source=(f"{_REPO}/raw/main/checkpoints/{_file} (git LFS, MIT; .pth sha256 {_sha}), then "
-                f"`avsync convert demix {_file} {_key}.safetensors`"),
-        description=_desc + " Speech / music / effects at 44.1 kHz.",
-        size=f"{_size / 1e6:.0f} MB",
-    ))
+    _register(_key, f"{_REPO}/raw/main/checkpoints/{_file} (git LFS, MIT; .pth sha256 {_sha}), then "
+                    f"`avsync convert demix {_file} {_key}.safetensors`",
+              _desc + " Speech / music / effects at 44.1 kHz.", f"{_size / 1e6:.0f} MB")
 DEFAULT_KEY = "mrx_default"
 
 _BANDIT_RECORD = "https://zenodo.org/records/12701995"
@@ -66,15 +67,9 @@ _BANDIT_RELEASED = {
                       "BandIt v2 trained on the English part of DnR v3."),
 }
 for _key, (_file, _sha, _desc) in _BANDIT_RELEASED.items():
-    SPECS[_key] = register(ModelFileSpec(
-        key=_key,
-        filename=f"{_key}.safetensors",
-        folder=FOLDER,
-        source=(f"{_BANDIT_RECORD}/files/{_file} (Zenodo, weights CC BY-SA 4.0, code Apache-2.0; .ckpt ~447 MB, "
-                f"sha256 {_sha} as quoted by others), then `avsync convert demix {_file} {_key}.safetensors`"),
-        description=_desc + " Speech / music / effects at 48 kHz, each channel separated on its own.",
-        size="149 MB",
-    ))
+    _register(_key, f"{_BANDIT_RECORD}/files/{_file} (Zenodo, weights CC BY-SA 4.0, code Apache-2.0; .ckpt ~447 MB, "
+                    f"sha256 {_sha} as quoted by others), then `avsync convert demix {_file} {_key}.safetensors`",
+              _desc + " Speech / music / effects at 48 kHz, each channel separated on its own.", "149 MB")
 BANDIT_DEFAULT_KEY = "bandit_v2_multi"
 # chunks per network call (the reference: inference_batch_size 10 on a GPU). One 8 s chunk of one channel at
 # the released size already needs ~0.7 GB of working memory (bench/bench_demix.py), so one at a time on a CPU
@@ -176,7 +171,7 @@ def load_demix_model(path: str | Path) -> DemixModel:
     from .checked_file import read_safetensors_header
 
     hint = "convert a released checkpoint with `avsync convert demix IN.pth|IN.ckpt OUT.safetensors`"
-    header = read_safetensors_header(path, what="a converted demix model (MRX or BandIt v2)", family_hint=hint)
+    header = read_safetensors_header(path, what="a converted MRX or BandIt v2 demix model", family_hint=hint)
     family = header.get("__metadata__", {}).get("avsync_family")
     if family is None:
         family = demix_bandit.FAMILY if demix_bandit.looks_like_bandit(header) else "mrx"

@@ -31,8 +31,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 from .. import compat
-
-ChunkProcessor = Callable[[torch.Tensor], torch.Tensor]
+from .chunking import ChunkProcessor
 
 
 @dataclass(frozen=True)
