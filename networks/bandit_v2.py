@@ -251,8 +251,11 @@ class _MaskEstimator(nn.Module):
         for i, ((s, e), mlp) in enumerate(zip(self.band_specs, self.norm_mlp)):
             mask = mlp(q[:, i])
             if self.use_freq_weights:
-                # float64 weights as in the reference (its buffers are float64); the sum is complex64
-                mask = mask * self.freq_weights[i].to(q.device)[:, None]
+                # float64 weights as in the reference (its buffers are float64; the sum is complex64),
+                # except on MPS, which has no float64
+                fw = self.freq_weights[i]
+                fw = fw.to(q.device) if q.device.type != "mps" else fw.float().to(q.device)
+                mask = mask * fw[:, None]
             masks[:, :, s:e, :] += mask
         return masks
 

@@ -119,7 +119,7 @@ class AVSyncDemixer:
         use_model = method in ("model",) + MODEL_FAMILY_METHODS or (method == "auto" and demix_model is not None)
         kind, chunk = "dsp", chunk_seconds
         if use_model:
-            own = demix_model.chunking     # a family with its own chunker (BandIt v2)
+            own = getattr(demix_model, "chunking", None)     # a family with its own chunker (BandIt v2)
             kind, chunk = ("model", chunk_seconds) if own is None else (demix_model.family, own["chunk_seconds"])
         self.check_memory(wav, sr, chunk, kind)
         stems = torch.empty(3, *wav.shape, dtype=torch.float32)   # filled clip by clip: no second full-length copy

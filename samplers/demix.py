@@ -19,7 +19,9 @@ from .chunking import overlap_add_stream, run_overlap_add
 METHODS = ("auto", "dsp", "model", "bandit_v2")
 MODEL_FAMILIES = ("bandit_v2",)           # methods that name the family of the connected model
 MODEL_METHODS = ("model",) + MODEL_FAMILIES
-BANDIT_CHUNK_BYTES_PER_SAMPLE = 2000    # placeholder until measured (bench/bench_demix.py)
+# BandIt v2 at the released size: 576 MB of working memory above the loaded model for one 8 s mono chunk
+# at 48 kHz (384,000 samples; bench/bench_demix.py --bandit) = 1500 B; rounded up
+BANDIT_CHUNK_BYTES_PER_SAMPLE = 1600
 REFERENCE_LUFS = -27.0   # the reference separate.py brings input to DnR's average loudness
 # Peak working memory of one dsp chunk per input sample and channel (STFT, magnitudes,
 # masks, three stems): measured with bench/bench_demix.py, ~184 MB for 20 s of 44.1 kHz
