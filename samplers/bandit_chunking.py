@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 from .. import compat
-from .chunking import ChunkProcessor
+from .chunking import ChunkProcessor, pull_blocks
 
 
 @dataclass(frozen=True)
@@ -125,17 +125,8 @@ def bandit_overlap_add_stream(process: ChunkProcessor, blocks: Iterable[torch.Te
         compat.check_interrupted()
         q_last = (k + batch - 1) * hop - f
         need = max(q_last + chunk, 1 - (k * hop - f)) + 1
-        while not exhausted and base + held < need:
-            try:
-                b = next(source)
-            except StopIteration:
-                exhausted = True
-                break
-            if b.dim() != 2:
-                raise ValueError(f"input blocks must be [C, n], got {tuple(b.shape)}")
-            if b.shape[-1]:
-                pieces.append(b)
-                held += b.shape[-1]
+        if not exhausted:
+            held, exhausted = pull_blocks(source, pieces, held, lambda h: base + h >= need)
         if exhausted:
             n = base + held
             if n == 0:
