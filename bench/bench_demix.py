@@ -213,7 +213,8 @@ def cli_memory(seconds: float, workdir: Path, extra: tuple = (), extra_env: tupl
     if not src.exists():
         _write_test_wav(src, seconds)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", **dict(extra_env)}
-    cmd = [sys.executable, "-m", "avsync", "demix", str(src), "--out", str(workdir / "out"), *extra]
+    # one output folder per length: the command refuses to overwrite stems without --force
+    cmd = [sys.executable, "-m", "avsync", "demix", str(src), "--out", str(workdir / f"out_{int(seconds)}"), *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     peak = {"VmRSS": 0.0, "RssAnon": 0.0, "RssFile": 0.0, "RssShmem": 0.0}
