@@ -10,6 +10,13 @@
    chunked into a full-length result (what the node returns), and one unchunked pass
    (the naive path). Printed as MB above the process baseline and as a ratio to the
    unchunked pass.
+4. BandIt v2 at the released size (random weights; ``--bandit``, also part of the full
+   run): the wall time of one network call on one 8 s chunk of one channel at 48 kHz,
+   measured in a fresh process together with its peak anonymous resident memory. Its
+   chunker advances 1 s per chunk, so the real-time factor of a C-channel input is
+   ``1 s / (C × time per chunk)`` (resampling and overlap-add cost next to nothing);
+   printed for stereo. One chunk only: at the released size on a shared 2-core CPU a
+   10 s stereo clip (34 chunk-channels) takes tens of minutes.
 3. Peak resident memory of the command line, ``avsync demix FILE --out DIR`` (a
    subprocess, its /proc status sampled every 5 ms from outside), on 16-bit 44.1 kHz
    stereo WAV files of 60 s and 600 s (``--cli-only`` runs just this part). The goal:
@@ -69,6 +76,69 @@ def rtf(method: str, seconds: float, repeats: int = 3) -> float:
     return seconds / best
 
 
+class _PeakAnon:
+    """Peak of :func:`_anon_mb` while the ``with`` body runs, sampled every ``interval`` s
+    from a thread; ``base`` is the level on entry."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = _anon_mb()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._done.is_set():
+            self.peak = max(self.peak, _anon_mb())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _anon_mb())
+        return False
+
+
+def _bandit_child() -> None:
+    """Runs in a subprocess: one released-size BandIt v2 call on one 8 s mono chunk at
+    48 kHz; prints {seconds, baseline_mb, peak_mb} (anonymous resident memory)."""
+    import torch
+
+    from avsync.networks.bandit_v2 import BanditV2
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    net = BanditV2().eval().requires_grad_(False)
+    cfg = net.config
+    x = torch.randn(1, 1, cfg.chunk_samples) * 0.1
+    with _PeakAnon(0.005) as mem:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            net(x)
+        seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "baseline_mb": mem.base, "peak_mb": mem.peak,
+                      "params": sum(p.numel() for p in net.parameters())}))
+
+
+def bandit_table() -> None:
+    out = subprocess.run([sys.executable, __file__, "--bandit-child"], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    work = r["peak_mb"] - r["baseline_mb"]
+    stereo = 1.0 / (2 * r["seconds"])
+    print(f"BandIt v2, released size ({r['params'] / 1e6:.1f} M parameters, random weights), 2 threads")
+    print(f"  one 8 s mono chunk at 48 kHz: {r['seconds']:.1f} s; working memory {work:.0f} MB above the loaded "
+          f"model (peak {r['peak_mb']:.0f} MB anonymous)")
+    print(f"  real-time factor, stereo (1 s hop per chunk): {stereo:.4f}x")
+    row("demix bandit_v2 (released size), one 8 s mono chunk", r["seconds"], "s", peak_mb=r["peak_mb"])
+    row("demix bandit_v2 (released size), stereo", stereo, "x real time")
+
+
 def _anon_mb() -> float:
     """Resident anonymous memory of this process (heap and tensors; not the mapped
     libraries, which the kernel may drop and re-read under memory pressure)."""
@@ -82,8 +152,6 @@ def _anon_mb() -> float:
 def _memory_child(mode: str, seconds: float) -> None:
     """Runs in a subprocess: prints {baseline_mb, peak_mb} of anonymous resident memory,
     sampled every 2 ms while the demixer runs."""
-    import threading
-
     import torch
 
     from avsync.samplers.demix import demix
@@ -93,26 +161,14 @@ def _memory_child(mode: str, seconds: float) -> None:
     n = int(seconds * 44100)
     x = one.repeat(1, int(seconds) // 20 + 1)[:, :n].contiguous()
     demix(one, 44100, "dsp", chunk_seconds=20.0, sink=lambda start, block: None)  # warm-up: one chunk
-    base = _anon_mb()
-    peak = [base]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _anon_mb())
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    if mode == "sink":
-        demix(x, 44100, "dsp", chunk_seconds=20.0, sink=lambda start, block: None)
-    elif mode == "chunked":
-        demix(x, 44100, "dsp", chunk_seconds=20.0)
-    else:
-        demix(x, 44100, "dsp", chunk_seconds=seconds + 1)
-    done.set()
-    t.join()
-    print(json.dumps({"baseline_mb": base, "peak_mb": max(peak[0], _anon_mb())}))
+    with _PeakAnon(0.002) as mem:
+        if mode == "sink":
+            demix(x, 44100, "dsp", chunk_seconds=20.0, sink=lambda start, block: None)
+        elif mode == "chunked":
+            demix(x, 44100, "dsp", chunk_seconds=20.0)
+        else:
+            demix(x, 44100, "dsp", chunk_seconds=seconds + 1)
+    print(json.dumps({"baseline_mb": mem.base, "peak_mb": mem.peak}))
 
 
 def memory(mode: str, seconds: float) -> float:
@@ -157,7 +213,8 @@ def cli_memory(seconds: float, workdir: Path, extra: tuple = (), extra_env: tupl
     if not src.exists():
         _write_test_wav(src, seconds)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", **dict(extra_env)}
-    cmd = [sys.executable, "-m", "avsync", "demix", str(src), "--out", str(workdir / "out"), *extra]
+    # one output folder per length: the command refuses to overwrite stems without --force
+    cmd = [sys.executable, "-m", "avsync", "demix", str(src), "--out", str(workdir / f"out_{int(seconds)}"), *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     peak = {"VmRSS": 0.0, "RssAnon": 0.0, "RssFile": 0.0, "RssShmem": 0.0}
@@ -195,14 +252,22 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="shorter inputs, no MRX")
     p.add_argument("--cli-only", action="store_true", help="only the command line's memory against input length")
+    p.add_argument("--bandit", action="store_true", help="only BandIt v2 at the released size (one chunk)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--bandit-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         _memory_child(args.child[0], float(args.child[1]))
         return
+    if args.bandit_child:
+        _bandit_child()
+        return
     sys.path.insert(0, str(ROOT))
     if args.cli_only:
         cli_table()
+        return
+    if args.bandit:
+        bandit_table()
         return
     seconds = 20.0 if args.quick else 60.0
     print(f"real-time factor, 44.1 kHz stereo, {seconds:g} s, 2 threads (higher is faster)")
@@ -213,6 +278,7 @@ def main() -> None:
         r_mrx = rtf("mrx", 10.0, repeats=1)
         print(f"  mrx (512x3)  {r_mrx:8.2f}x real time   (dsp is {r / r_mrx:.0f}x faster)")
         row("demix mrx (released size), 10 s", r_mrx, "x real time")
+        bandit_table()
     lengths = (40, 80, 160) if args.quick else (40, 80, 160, 320, 640)
     print("peak anonymous memory above the one-chunk baseline (MB) against input length, dsp, 20 s chunks")
     print(f"  {'seconds':>8} {'input':>7} {'sink':>8} {'chunked':>8} {'one pass':>9} {'sink/one':>9}")

@@ -30,16 +30,16 @@ def register(sub) -> None:
     add_node_arguments(p, "AVSyncDemixModelLoader", rename={"model_name": "model"}, paths=("model_name",),
                        defaults={"model_name": None}, title="model (AVSyncDemixModelLoader)",
                        notes={"model_name": "Given: --method auto uses it. Not given: --method model uses "
-                                            "mrx_default.safetensors."})
+                                            "mrx_default.safetensors, --method bandit_v2 bandit_v2_multi.safetensors."})
     set_input_flags(p, {"audio_file": "AUDIO", "demix_model": "--model"})
     p.set_defaults(func=run)
 
 
-def _model(name: str | None):
-    from ..loaders.demix import DEFAULT_KEY, FOLDER, SPECS, load_demix_model
+def _model(name: str | None, method: str = "model"):
+    from ..loaders.demix import BANDIT_DEFAULT_KEY, DEFAULT_KEY, FOLDER, SPECS, load_demix_model
     from .common import path_outside_model_folders, run_node
 
-    name = name or SPECS[DEFAULT_KEY].filename
+    name = name or SPECS[BANDIT_DEFAULT_KEY if method == "bandit_v2" else DEFAULT_KEY].filename
     path = path_outside_model_folders(name, FOLDER)
     if path is not None:
         return load_demix_model(path)  # a file outside the model folder: the loader node's own function
@@ -77,13 +77,17 @@ def run(args) -> int:
     inputs = node_inputs_from_args(args, "AVSyncDemixer")
     loader = node_inputs_from_args(args, "AVSyncAudioLoader")
     model_name = node_inputs_from_args(args, "AVSyncDemixModelLoader")["model_name"]
-    use_model = inputs["method"] == "model" or (inputs["method"] == "auto" and model_name)
-    method = "model" if use_model else "dsp"
+    chosen = inputs["method"]
+    use_model = chosen in ("model", "bandit_v2") or (chosen == "auto" and model_name)
+    method = (chosen if chosen == "bandit_v2" else "model") if use_model else "dsp"
     msg = AVSyncDemixer.VALIDATE_INPUTS(method, inputs["chunk_seconds"], inputs["overlap"])
     if msg is not True:
         option, _, problem = translate_message(args, str(msg)).partition(": ")
         raise InputError(option, problem)
-    model = _model(model_name) if use_model else None
+    model = _model(model_name, method) if use_model else None
+    if model is not None and method == "bandit_v2" and model.family != "bandit_v2":
+        raise InputError("--model", f"--method bandit_v2 needs a BandIt v2 model, got a {model.family} model "
+                                    f"({model.name})")
     _return_freed_memory()
     r = demix_file(args.audio, out, method, model, inputs["chunk_seconds"], inputs["overlap"],
                    bits=32 if args.float else 16, max_seconds=loader["max_duration"], stem_files=STEM_FILES,

@@ -27,6 +27,7 @@ number (not NaN) and a reason in :attr:`SyncReport.reasons`.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from functools import lru_cache
@@ -50,6 +51,8 @@ AMIN = 1e-10
 FARNEBACK_ARGS = (0.5, 3, 15, 3, 5, 1.2, 0)
 # av_align.py:find_local_max_indexes — motion peaks below 0.1 px/frame are ignored
 MIN_PEAK_FLOW = 0.1
+# frame pairs in flight at once at most (each holds a few full-size float buffers of Farneback's)
+MAX_FLOW_WORKERS = 8
 MAX_OFFSET_S = 0.5
 CONFIDENCE_CAP = 100.0  # when nothing else correlates positively, the confidence is capped, not infinite
 OPENCV_PACKAGE = "opencv-python-headless"
@@ -205,37 +208,93 @@ def audio_onsets(waveform, sample_rate: int) -> AudioOnsets:
 
 # -- video: Farneback flow magnitude ------------------------------------------------------------------------
 
+def flow_workers() -> int:
+    """How many frame pairs :func:`motion_trajectory` runs at once by default: OpenCV's
+    thread count (``cv2.getNumThreads()``, so ``cv2.setNumThreads(n)`` limits it; 1 when
+    OpenCV threading is off), at most the CPUs this process may use, at most
+    :data:`MAX_FLOW_WORKERS` (each in-flight pair holds its own Farneback buffers)."""
+    import os
+
+    cv2 = _cv2()
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(int(cv2.getNumThreads()), cpus, MAX_FLOW_WORKERS))
+
+
+def _pair_flow(prev: np.ndarray, curr: np.ndarray, scale: float) -> float:
+    """Mean Farneback flow magnitude from ``prev`` to ``curr`` (grey uint8), in full-size pixels
+    (``av_align.py:compute_of``)."""
+    cv2 = _cv2()
+    flow = cv2.calcOpticalFlowFarneback(prev, curr, None, *FARNEBACK_ARGS)
+    return float(cv2.mean(cv2.magnitude(flow[..., 0], flow[..., 1]))[0]) / scale
+
+
 def motion_trajectory(frames: Iterable[np.ndarray], max_side: int = 0,
-                      progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+                      progress: Optional[Callable[[int], None]] = None, workers: Optional[int] = None) -> np.ndarray:
     """Mean Farneback flow magnitude between consecutive frames, with the first value
     repeated (``av_align.py:detect_video_peaks``): ``m[0] = m[1] = flow(f0, f1)``,
     ``m[i] = flow(f[i-1], f[i])``. Values are pixels per frame.
 
     ``frames``: ``[H, W, 3]`` uint8 RGB (grey via OpenCV's RGB2GRAY, which is the
-    reference's BGR2GRAY on the same pixels) or ``[H, W]`` uint8 grey.
+    reference's BGR2GRAY on the same pixels) or ``[H, W]`` uint8 grey; read one at a time
+    (a generator is not materialised).
     ``max_side`` > 0 runs the flow on frames shrunk (area average) so that the longer
     side is at most that many pixels, and scales the magnitudes back to full-size
     pixels — faster, not the reference's number (docs/sync_score.md).
+
+    ``workers``: frame pairs computed at once in a thread pool (``None``:
+    :func:`flow_workers`). OpenCV's Farneback runs on one core per call and releases the
+    GIL, so pairs run in parallel; each pair is the same independent OpenCV call as in the
+    serial loop, and the values are collected in frame order (``progress`` is called from
+    the calling thread, in order). At most ``2 × workers`` pairs are in flight.
     """
     cv2 = _cv2()
+    workers = flow_workers() if workers is None else max(1, int(workers))
+    pool = None
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="avsync-flow")
+    pending: deque = deque()  # (frame index, future or value), in frame order
     prev = None
     mags: list[float] = []
     scale = 1.0
-    for i, frame in enumerate(frames):
-        f = np.ascontiguousarray(frame)
-        if f.dtype != np.uint8:
-            raise InputError("images", f"frames must be uint8 for optical flow, got {f.dtype}")
-        gray = cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) if f.ndim == 3 else f
-        if max_side and max(gray.shape) > max_side:
-            scale = max_side / max(gray.shape)
-            size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
-            gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
-        if prev is not None:
-            flow = cv2.calcOpticalFlowFarneback(prev, gray, None, *FARNEBACK_ARGS)
-            mags.append(float(cv2.mean(cv2.magnitude(flow[..., 0], flow[..., 1]))[0]) / scale)
-        prev = gray
-        if progress is not None:
-            progress(i + 1)
+
+    def collect(limit: int) -> None:
+        while len(pending) > limit:
+            i, value = pending.popleft()
+            mags.append(value.result() if pool is not None else value)
+            if progress is not None:
+                progress(i + 1)
+
+    try:
+        for i, frame in enumerate(frames):
+            f = np.asarray(frame)
+            if f.dtype != np.uint8:
+                raise InputError("images", f"frames must be uint8 for optical flow, got {f.dtype}")
+            gray = cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) if f.ndim == 3 else np.ascontiguousarray(f)
+            if max_side and max(gray.shape) > max_side:
+                scale = max_side / max(gray.shape)
+                size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
+                gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+            if prev is None:
+                if progress is not None:
+                    progress(i + 1)
+            elif pool is not None:
+                pending.append((i, pool.submit(_pair_flow, prev, gray, scale)))
+                collect(2 * workers)
+            else:
+                pending.append((i, _pair_flow(prev, gray, scale)))
+                collect(0)
+            prev = gray
+        collect(0)
+    finally:
+        if pool is not None:
+            for _, fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True)
     if not mags:
         return np.zeros(1 if prev is not None else 0)
     return np.asarray([mags[0]] + mags, dtype=np.float64)
@@ -451,12 +510,13 @@ def score_sync(frames: Iterable[np.ndarray], num_frames: int, fps, waveform, sam
                keyframe_frames: Optional[Sequence[int]] = None, keyframe_reference: str = "audio_onsets",
                keyframe_tolerance: int = 1, match_tolerance_s: Optional[float] = None,
                max_offset_s: float = MAX_OFFSET_S, flow_max_side: int = 0,
-               progress: Optional[Callable[[int], None]] = None) -> SyncReport:
+               progress: Optional[Callable[[int], None]] = None, workers: Optional[int] = None) -> SyncReport:
     """Every score for one clip. ``frames``: ``num_frames`` uint8 frames (see
     :func:`motion_trajectory`); ``waveform``: ``[C, T]`` or ``[T]`` float samples whose
     sample 0 is the time of frame 0. ``keyframe_frames``: the reference frames for the
     keyframe hit rate (``None``: the audio onsets, rounded to frames).
-    ``match_tolerance_s`` ``None``: one frame."""
+    ``match_tolerance_s`` ``None``: one frame. ``workers``: frame pairs of optical flow
+    computed at once (:func:`motion_trajectory`; ``None``: :func:`flow_workers`)."""
     fps_f = float(as_fps(fps))
     if num_frames < 2:
         raise InputError("images", f"need at least 2 frames to measure motion, got {num_frames}")
@@ -466,7 +526,7 @@ def score_sync(frames: Iterable[np.ndarray], num_frames: int, fps, waveform, sam
     reasons: list[str] = []
 
     onsets = audio_onsets(wav, sample_rate)
-    traj = motion_trajectory(frames, max_side=flow_max_side, progress=progress)
+    traj = motion_trajectory(frames, max_side=flow_max_side, progress=progress, workers=workers)
     peaks = motion_peaks(traj)
     video_times = [k / fps_f for k in peaks]
     audio_times = [float(t) for t in onsets.times]

@@ -64,6 +64,7 @@ _FAMILIES = (
     (("model.diffusion_model.",), "a Stable Diffusion (ldm layout) checkpoint"),
     (("imagebindMoodel.",), "KeyVID's keyframe localizer"),
     (("_encoders.", "_cross_net."), "an MRX demix model"),
+    (("band_split.norm_fc_modules.", "model.band_split.norm_fc_modules."), "a BandIt demix model"),
     (("down_blocks.", "up_blocks.", "conv_in."), "a diffusers UNet or VAE"),
     (("encoder.down.", "decoder.up."), "a VAE"),
     (("vision_model.", "text_model."), "a CLIP (transformers) encoder"),

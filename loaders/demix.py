@@ -23,7 +23,7 @@ from .checked_file import load_pickled_checked, open_checked
 from .model_files import ModelFileSpec, register
 
 FOLDER = "avsync_demix"
-FAMILIES = ("mrx",)
+FAMILIES = ("mrx", "bandit_v2")
 
 _REPO = "https://github.com/merlresearch/cocktail-fork-separation"
 _RELEASED = {
@@ -43,17 +43,37 @@ _RELEASED = {
 }
 
 SPECS: dict[str, ModelFileSpec] = {}
+
+
+def _register(key: str, source: str, description: str, size: str) -> None:
+    SPECS[key] = register(ModelFileSpec(key=key, filename=f"{key}.safetensors", folder=FOLDER, source=source,
+                                        description=description, size=size))
+
+
 for _key, (_file, _sha, _size, _desc) in _RELEASED.items():
-    SPECS[_key] = register(ModelFileSpec(
-        key=_key,
-        filename=f"{_key}.safetensors",
-        folder=FOLDER,
-        source=(f"{_REPO}/raw/main/checkpoints/{_file} (git LFS, MIT; .pth sha256 {_sha}), then "
-                f"`avsync convert demix {_file} {_key}.safetensors`"),
-        description=_desc + " Speech / music / effects at 44.1 kHz.",
-        size=f"{_size / 1e6:.0f} MB",
-    ))
+    _register(_key, f"{_REPO}/raw/main/checkpoints/{_file} (git LFS, MIT; .pth sha256 {_sha}), then "
+                    f"`avsync convert demix {_file} {_key}.safetensors`",
+              _desc + " Speech / music / effects at 44.1 kHz.", f"{_size / 1e6:.0f} MB")
 DEFAULT_KEY = "mrx_default"
+
+_BANDIT_RECORD = "https://zenodo.org/records/12701995"
+_BANDIT_RELEASED = {
+    # key: (released file, sha256 of the .ckpt as quoted by third-party projects — not checked here, no download
+    # is possible on the build machine —, what it is)
+    "bandit_v2_multi": ("checkpoint-multi.ckpt",
+                        "abcfccf65446752a057f4a302c941479a54b7560ebf8d7bca039d2ea98e64cfc",
+                        "BandIt v2 trained on multilingual DnR v3 (the paper's main model)."),
+    "bandit_v2_eng": ("checkpoint-eng.ckpt", "3d14c48399ddb42be6fca6c316adc1b7d67d0e648e4e937359811aa6fa8b8cd2",
+                      "BandIt v2 trained on the English part of DnR v3."),
+}
+for _key, (_file, _sha, _desc) in _BANDIT_RELEASED.items():
+    _register(_key, f"{_BANDIT_RECORD}/files/{_file} (Zenodo, weights CC BY-SA 4.0, code Apache-2.0; .ckpt ~447 MB, "
+                    f"sha256 {_sha} as quoted by others), then `avsync convert demix {_file} {_key}.safetensors`",
+              _desc + " Speech / music / effects at 48 kHz, each channel separated on its own.", "149 MB")
+BANDIT_DEFAULT_KEY = "bandit_v2_multi"
+# chunks per network call (the reference: inference_batch_size 10 on a GPU). One 8 s chunk of one channel at
+# the released size already needs ~0.7 GB of working memory (bench/bench_demix.py), so one at a time on a CPU
+BANDIT_CHUNK_BATCH = 1
 
 
 @dataclass
@@ -66,6 +86,10 @@ class DemixModel:
     source_names: tuple          # the network's output order
     min_length: int              # shortest input (samples at sample_rate) the network accepts
     name: str = ""
+    # the family's own chunker, e.g. BandIt v2's {"kind": "bandit", "chunk_seconds": 8, "hop_seconds": 1};
+    # None: AVSync's cross-faded chunks (samplers/chunking.py)
+    chunking: Optional[dict] = None
+    loudness_normalize: bool = True   # MRX's separate.py brings input to -27 LUFS; BandIt's inference.py does not
 
     def stem_index(self, stem: str) -> int:
         """Index of AVSync's stem (speech / effects / music) in the network's output."""
@@ -87,18 +111,32 @@ def _strip_prefixes(sd: dict) -> dict:
     return sd
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, family: str = "mrx", hop: int = 256,
-                       sample_rate: int = 44100, source_names: Optional[list] = None) -> Path:
+def convert_checkpoint(src: str | Path, dst: str | Path, family: str = "auto", hop: Optional[int] = None,
+                       sample_rate: Optional[int] = None, source_names: Optional[list] = None) -> Path:
     """Read a released pickled checkpoint (``weights_only=True``), check it builds the
-    network, and write safetensors with the config in the metadata."""
+    network, and write safetensors with the config in the metadata. ``family``
+    ``auto`` tells MRX from BandIt v2 by the tensor names; ``sample_rate`` defaults to
+    the family's released rate (MRX 44100, BandIt v2 48000) and ``hop`` (the STFT hop,
+    which no checkpoint stores) to its released hop (MRX 256, BandIt v2 512)."""
     from safetensors.torch import save_file
 
     from ..networks.mrx import MRX, config_from_state_dict
+    from . import demix_bandit
 
-    if family not in FAMILIES:
+    if family not in FAMILIES + ("auto",):
         raise ModelFormatError(f"unknown demix family {family!r}; known: {', '.join(FAMILIES)}")
     src, dst = Path(src), Path(dst)
-    raw = load_pickled_checked(src, what="a released MRX checkpoint (*_mrx_pre_trained_weights.pth)", mmap=False)
+    raw = load_pickled_checked(src, what="a released demix checkpoint (MRX *_mrx_pre_trained_weights.pth or "
+                                         "a BandIt v2 Lightning .ckpt)", mmap=False)
+    if family == "auto":
+        family = demix_bandit.FAMILY if demix_bandit.looks_like_bandit(raw) else "mrx"
+    if family == demix_bandit.FAMILY:
+        if not demix_bandit.looks_like_bandit(raw):
+            raise ModelFormatError(f"{src}: not a BandIt v2 checkpoint (no band_split.norm_fc_modules.* tensors)")
+        return demix_bandit.convert(raw, src, dst, sample_rate or 48000, source_names, hop_length=hop or 512)
+    if demix_bandit.looks_like_bandit(raw):
+        raise ModelFormatError(f"{src}: is a BandIt v2 checkpoint, not MRX: convert it with --family bandit_v2")
+    sample_rate, hop = sample_rate or 44100, hop or 256
     sd = _strip_prefixes(raw)
     try:
         cfg = config_from_state_dict(sd, n_hop=hop, sample_rate=sample_rate)
@@ -129,15 +167,31 @@ def load_demix_model(path: str | Path) -> DemixModel:
     if path.suffix.lower() != ".safetensors":
         raise ModelFormatError(f"{path}: demix models are loaded from .safetensors only; convert a released "
                                f"checkpoint once with `avsync convert demix {path.name} {path.stem}.safetensors`")
-    checked = open_checked(path, what="a converted MRX demix model (e.g. mrx_default.safetensors)",
-                           required_prefixes=("_encoders.", "_decoders."),
-                           family_hint="convert a released checkpoint with "
-                                       "`avsync convert demix IN.pth OUT.safetensors`")
-    meta = checked.metadata
-    sd = {k: checked[k] for k in checked}
-    family = meta.get("avsync_family", "mrx")
+    from . import demix_bandit
+    from .checked_file import read_safetensors_header
+
+    hint = "convert a released checkpoint with `avsync convert demix IN.pth|IN.ckpt OUT.safetensors`"
+    header = read_safetensors_header(path, what="a converted MRX or BandIt v2 demix model", family_hint=hint)
+    family = header.get("__metadata__", {}).get("avsync_family")
+    if family is None:
+        family = demix_bandit.FAMILY if demix_bandit.looks_like_bandit(header) else "mrx"
     if family not in FAMILIES:
         raise ModelFormatError(f"{path}: demix family {family!r} is not supported (known: {', '.join(FAMILIES)})")
+    if family == demix_bandit.FAMILY:
+        checked = open_checked(path, what="a converted BandIt v2 demix model (e.g. bandit_v2_multi.safetensors)",
+                               required_prefixes=demix_bandit.REQUIRED_PREFIXES, family_hint=hint)
+        net, bcfg = demix_bandit.build({k: checked[k] for k in checked}, checked.metadata, path)
+        net.eval().requires_grad_(False)
+        managed = compat.manage_model(net, {"file": str(path), "family": family, "config": bcfg.to_dict()})
+        return DemixModel(family=family, managed=managed, sample_rate=bcfg.sample_rate,
+                          source_names=tuple(bcfg.stems), min_length=net.min_length, name=path.name,
+                          chunking={"kind": "bandit", "chunk_seconds": bcfg.chunk_seconds,
+                                    "hop_seconds": bcfg.hop_seconds, "batch": BANDIT_CHUNK_BATCH},
+                          loudness_normalize=False)
+    checked = open_checked(path, what="a converted MRX demix model (e.g. mrx_default.safetensors)",
+                           required_prefixes=("_encoders.", "_decoders."), family_hint=hint)
+    meta = checked.metadata
+    sd = {k: checked[k] for k in checked}
     if "avsync_config" in meta:
         cfg = MRXConfig(**json.loads(meta["avsync_config"]))
     else:  # converted by another tool: shapes give the architecture, the hop is the released default

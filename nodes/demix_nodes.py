@@ -11,7 +11,8 @@ from ..core.audio import check_audio, make_audio
 from ..core.errors import InputError
 from .sockets import AUDIO, DEMIX_MODEL
 
-METHODS = ("auto", "dsp", "model")
+METHODS = ("auto", "dsp", "model", "bandit_v2")   # samplers/demix.py:METHODS
+MODEL_FAMILY_METHODS = ("bandit_v2",)              # methods that also name the connected model's family
 MAX_CHUNK_SECONDS = 600.0
 LONG_INPUT_SECONDS = 600.0   # from this length on the node states its memory need before it starts
 
@@ -19,8 +20,9 @@ log = logging.getLogger("avsync")
 
 
 class AVSyncDemixModelLoader:
-    DESCRIPTION = ("Loads a speech / effects / music separation model (MRX from the Cocktail Fork paper, converted "
-                   "to safetensors with `avsync convert demix`) from the avsync_demix model folder, for AVSyncDemixer.")
+    DESCRIPTION = ("Loads a speech / effects / music separation model (MRX from the Cocktail Fork paper, or BandIt v2 "
+                   "from 'Remastering Divide and Remaster', converted to safetensors with `avsync convert demix`) from "
+                   "the avsync_demix model folder, for AVSyncDemixer.")
     CATEGORY = "AVSync/loaders"
     FUNCTION = "load"
     RETURN_TYPES = (DEMIX_MODEL,)
@@ -72,7 +74,11 @@ class AVSyncDemixer:
                 "audio": (AUDIO, {"tooltip": "The soundtrack to split (any rate, any number of channels)."}),
                 "method": (list(METHODS), {"default": "auto", "tooltip":
                            "auto: the connected demix model, else dsp. dsp: the weights-free separator. "
-                           "model: the connected demix model (an error if none is connected)."}),
+                           "model: the connected demix model (an error if none is connected). bandit_v2: the "
+                           "connected model, which must be a BandIt v2 model (an error otherwise); it runs with "
+                           "BandIt's own chunking (8 s chunks on a 1 s hop, Hann-weighted), so chunk_seconds and "
+                           "overlap do not apply. A BandIt v2 model runs with its own chunking under auto and "
+                           "model too."}),
                 "chunk_seconds": ("FLOAT", {"default": 20.0, "min": 1.0, "max": MAX_CHUNK_SECONDS, "step": 0.5,
                                   "tooltip": "Audio is processed in chunks of this length so long files use "
                                              "bounded memory; longer chunks give a model more context."}),
@@ -101,14 +107,21 @@ class AVSyncDemixer:
         wav, sr = check_audio(audio, "audio", allow_batch=True)
         if wav.shape[-1] < 1:
             raise InputError("audio", "is empty (0 samples)")
-        if method == "model" and demix_model is None:
-            raise InputError("demix_model", "method 'model' needs a demix model: connect AVSyncDemixModelLoader, "
-                                            "or choose method 'dsp'")
+        if method in ("model",) + MODEL_FAMILY_METHODS and demix_model is None:
+            raise InputError("demix_model", f"method '{method}' needs a demix model: connect "
+                                            f"AVSyncDemixModelLoader, or choose method 'dsp'")
+        if method in MODEL_FAMILY_METHODS and demix_model.family != method:
+            raise InputError("demix_model", f"method '{method}' needs a {method} model, got a {demix_model.family} "
+                                            f"model ({demix_model.name}); choose method 'model' to run it")
         msg = self.VALIDATE_INPUTS(method, chunk_seconds, overlap)
         if msg is not True:
             raise InputError(msg.split(":")[0], msg.split(": ", 1)[1])
-        use_model = method == "model" or (method == "auto" and demix_model is not None)
-        self.check_memory(wav, sr, chunk_seconds, "model" if use_model else "dsp")
+        use_model = method in ("model",) + MODEL_FAMILY_METHODS or (method == "auto" and demix_model is not None)
+        kind, chunk = "dsp", chunk_seconds
+        if use_model:
+            own = getattr(demix_model, "chunking", None)     # a family with its own chunker (BandIt v2)
+            kind, chunk = ("model", chunk_seconds) if own is None else (demix_model.family, own["chunk_seconds"])
+        self.check_memory(wav, sr, chunk, kind)
         stems = torch.empty(3, *wav.shape, dtype=torch.float32)   # filled clip by clip: no second full-length copy
         for b, w in enumerate(wav):
             demix(w, sr, method, demix_model, chunk_seconds, overlap, out=stems[:, b])

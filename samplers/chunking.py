@@ -59,6 +59,23 @@ class ChunkPlan:
             yield start, min(start + self.chunk, self.total)
 
 
+def pull_blocks(source: Iterator[torch.Tensor], pieces: list, held: int,
+                enough: Callable[[int], bool]) -> tuple[int, bool]:
+    """Append ``[C, n]`` blocks from ``source`` to ``pieces`` until ``enough(held)``
+    (``held``: samples in ``pieces``); returns ``(held, exhausted)``."""
+    while not enough(held):
+        try:
+            b = next(source)
+        except StopIteration:
+            return held, True
+        if b.dim() != 2:
+            raise ValueError(f"input blocks must be [C, n], got {tuple(b.shape)}")
+        if b.shape[-1]:
+            pieces.append(b)
+            held += b.shape[-1]
+    return held, False
+
+
 def crossfade_weights(start: int, end: int, prev_end: Optional[int], next_start: Optional[int]) -> torch.Tensor:
     """Weights ``[end - start]`` of one chunk: a linear ramp up over the overlap with the
     previous chunk and down over the overlap with the next one. Ramps of neighbours
@@ -104,17 +121,8 @@ def overlap_add_stream(process: ChunkProcessor, blocks: Iterable[torch.Tensor], 
     done_chunks = 0
     while True:
         compat.check_interrupted()
-        while not exhausted and held <= chunk:   # one sample past the chunk tells whether another follows
-            try:
-                b = next(source)
-            except StopIteration:
-                exhausted = True
-                break
-            if b.dim() != 2:
-                raise ValueError(f"input blocks must be [C, n], got {tuple(b.shape)}")
-            if b.shape[-1]:
-                pieces.append(b)
-                held += b.shape[-1]
+        if not exhausted:   # one sample past the chunk tells whether another follows
+            held, exhausted = pull_blocks(source, pieces, held, lambda h: h > chunk)
         if held == 0:
             break
         if len(pieces) > 1:

@@ -13,23 +13,32 @@ import torch
 from ..core.audio import resample
 from ..core.demix_dsp import STEMS, demix_dsp
 from ..core.loudness import LoudnessMeter, integrated_loudness
+from .bandit_chunking import bandit_overlap_add_stream, run_bandit_overlap_add
 from .chunking import overlap_add_stream, run_overlap_add
 
-METHODS = ("auto", "dsp", "model")
+METHODS = ("auto", "dsp", "model", "bandit_v2")
+MODEL_FAMILIES = ("bandit_v2",)           # methods that name the family of the connected model
+MODEL_METHODS = ("model",) + MODEL_FAMILIES
+# BandIt v2 at the released size: 576 MB of working memory above the loaded model for one 8 s mono chunk
+# at 48 kHz (384,000 samples; bench/bench_demix.py --bandit) = 1500 B; rounded up
+BANDIT_CHUNK_BYTES_PER_SAMPLE = 1600
 REFERENCE_LUFS = -27.0   # the reference separate.py brings input to DnR's average loudness
 # Peak working memory of one dsp chunk per input sample and channel (STFT, magnitudes,
 # masks, three stems): measured with bench/bench_demix.py, ~184 MB for 20 s of 44.1 kHz
 # stereo = 104 B; rounded up. The MRX networks need more per chunk (three STFTs, BLSTM
-# states), so a model chunk counts three times as much.
-CHUNK_BYTES_PER_SAMPLE = {"dsp": 120, "model": 360}
+# states), so a model chunk counts three times as much. BandIt v2 runs at 48 kHz whatever
+# the input rate, so its figure is per sample at 48 kHz of its fixed 8 s chunk.
+CHUNK_BYTES_PER_SAMPLE = {"dsp": 120, "model": 360, "bandit_v2": BANDIT_CHUNK_BYTES_PER_SAMPLE}
 
 
 def memory_need(channels: int, samples: int, sample_rate: int, chunk_seconds: float, method: str,
                 clips: int = 1) -> dict:
     """Bytes the node needs beyond its input for ``clips`` clips of ``[channels, samples]``:
-    the three full-length float32 stems it returns and one chunk's working set."""
-    kind = "dsp" if method == "dsp" else "model"
-    chunk = min(samples, int(round(chunk_seconds * sample_rate)))
+    the three full-length float32 stems it returns and one chunk's working set.
+    ``method``: ``dsp``, ``model`` (MRX) or ``bandit_v2`` (``chunk_seconds`` its own 8 s)."""
+    kind = method if method in CHUNK_BYTES_PER_SAMPLE else "model"
+    rate = 48000 if kind == "bandit_v2" else sample_rate
+    chunk = int(round(chunk_seconds * rate)) if kind == "bandit_v2" else min(samples, int(round(chunk_seconds * rate)))
     stems = 3 * clips * channels * samples * 4
     work = CHUNK_BYTES_PER_SAMPLE[kind] * channels * chunk
     return {"stems": stems, "chunk": work, "total": stems + work}
@@ -89,15 +98,22 @@ def model_chunk_processor(model, sample_rate: int, gain: float) -> Callable[[tor
     return process
 
 
+def uses_model(method: str, model) -> bool:
+    return method in MODEL_METHODS or (method == "auto" and model is not None)
+
+
 def _chunk_processor(method: str, model, sample_rate: int, gain: Callable[[], float]):
     """``(process, desc, use_model)`` for :func:`demix` and :func:`demix_blocks`."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    use_model = method == "model" or (method == "auto" and model is not None)
+    use_model = uses_model(method, model)
     if use_model and model is None:
-        raise ValueError("method 'model' needs a demix model")
+        raise ValueError(f"method '{method}' needs a demix model")
+    if method in MODEL_FAMILIES and model.family != method:
+        raise ValueError(f"method '{method}' needs a {method} demix model, got a {model.family} model")
     if use_model:
-        return model_chunk_processor(model, sample_rate, gain()), f"demix ({model.family})", True
+        g = gain() if getattr(model, "loudness_normalize", True) else 1.0
+        return model_chunk_processor(model, sample_rate, g), f"demix ({model.family})", True
 
     def process(c: torch.Tensor) -> torch.Tensor:
         return demix_dsp(c, sample_rate)
@@ -109,22 +125,51 @@ def _chunk_sizes(sample_rate: int, chunk_seconds: float, overlap: float) -> tupl
     return chunk, int(round(min(max(overlap, 0.0), 0.5) * chunk))
 
 
+def _own_chunking(model, sample_rate: int) -> Optional[tuple[int, int, int]]:
+    """``(chunk, hop, batch)`` (samples at ``sample_rate``, chunks per call) for a model that brings its own
+    chunker (BandIt v2: 8 s chunks on a 1 s hop, Hann-weighted, :mod:`.bandit_chunking`;
+    ``chunk_seconds`` / ``overlap`` do not apply to it); None for AVSync's cross-faded
+    chunks (:mod:`.chunking`)."""
+    plan = getattr(model, "chunking", None) if model is not None else None
+    if plan is None or plan.get("kind") != "bandit":
+        return None
+    return (int(plan["chunk_seconds"] * sample_rate), int(plan["hop_seconds"] * sample_rate),
+            int(plan.get("batch", 1)))
+
+
+def demix_stream(process, blocks, sample_rate: int, model, chunk_seconds: float, overlap: float, desc: str,
+                 expected_total: Optional[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    """The family's chunker over input blocks (see :func:`_own_chunking`)."""
+    own = _own_chunking(model, sample_rate)
+    if own is not None:
+        yield from bandit_overlap_add_stream(process, blocks, own[0], own[1], len(STEMS), desc=desc,
+                                             expected_total=expected_total, batch=own[2])
+        return
+    chunk, ov = _chunk_sizes(sample_rate, chunk_seconds, overlap)
+    yield from overlap_add_stream(process, blocks, chunk, ov, len(STEMS), desc=desc, expected_total=expected_total)
+
+
 def demix(waveform: torch.Tensor, sample_rate: int, method: str = "auto", model=None,
           chunk_seconds: float = 20.0, overlap: float = 0.1,
           sink: Optional[Callable[[int, torch.Tensor], None]] = None,
           out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """Split ``[C, T]`` into ``[3, C, T]`` in :data:`STEMS` order.
 
-    ``method``: ``dsp`` (no weights), ``model`` (``model`` is required) or ``auto``
-    (the model when given, else dsp). Chunks of ``chunk_seconds`` overlap by
-    ``overlap`` of a chunk and are cross-faded. With ``sink`` the stems are handed over
+    ``method``: ``dsp`` (no weights), ``model`` (``model`` is required), ``bandit_v2``
+    (``model`` is required and must be a BandIt v2 model) or ``auto`` (the model when
+    given, else dsp). Chunks of ``chunk_seconds`` overlap by ``overlap`` of a chunk and
+    are cross-faded; a BandIt v2 model brings its own chunking instead (:func:`_own_chunking`). With ``sink`` the stems are handed over
     block by block (see :func:`~.chunking.run_overlap_add`) and nothing is returned;
     ``out`` (``[3, C, T]``) receives the stems instead of a new tensor.
     """
     x = waveform.to(torch.float32)
     process, desc, use_model = _chunk_processor(method, model, sample_rate, lambda: input_gain(x, sample_rate))
-    chunk, ov = _chunk_sizes(sample_rate, chunk_seconds, overlap)
+    own = _own_chunking(model if use_model else None, sample_rate)
     try:
+        if own is not None:
+            return run_bandit_overlap_add(process, x, own[0], own[1], len(STEMS), desc=desc, sink=sink, out=out,
+                                          batch=own[2])
+        chunk, ov = _chunk_sizes(sample_rate, chunk_seconds, overlap)
         return run_overlap_add(process, x, chunk, ov, len(STEMS), desc=desc, sink=sink, out=out)
     finally:
         if use_model:
@@ -141,10 +186,9 @@ def demix_blocks(blocks: Iterable[torch.Tensor], sample_rate: int, method: str =
     whole signal (:func:`input_gain`, or a :class:`~avsync.core.loudness.LoudnessMeter`
     pass over it), as the reference normalises the whole file's loudness."""
     process, desc, use_model = _chunk_processor(method, model, sample_rate, lambda: gain)
-    chunk, ov = _chunk_sizes(sample_rate, chunk_seconds, overlap)
     try:
-        yield from overlap_add_stream(process, (b.to(torch.float32) for b in blocks), chunk, ov, len(STEMS),
-                                      desc=desc, expected_total=expected_total)
+        yield from demix_stream(process, (b.to(torch.float32) for b in blocks), sample_rate,
+                                model if use_model else None, chunk_seconds, overlap, desc, expected_total)
     finally:
         if use_model:
             model.managed.offload()
@@ -185,12 +229,12 @@ def demix_file(path: str | Path, out_dir: str | Path, method: str = "auto", mode
         for block in stream:
             yield to_channels(torch.from_numpy(block), channel_mode)
 
-    use_model = method == "model" or (method == "auto" and model is not None)
+    use_model = uses_model(method, model)
     with open_stream() as probe:   # fail on a bad file before any work
         sr = probe.sample_rate
         expected = probe.expected_samples
     gain = 1.0
-    if use_model:
+    if use_model and model is not None and getattr(model, "loudness_normalize", True):
         def decode():
             with open_stream() as s:
                 yield from (b.numpy() for b in mixed(s))

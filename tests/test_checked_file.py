@@ -111,7 +111,7 @@ def test_every_loader_gives_the_same_clear_error(tmp_path, kind):
                            (svd.load_backward_delta, "backward-motion"),
                            (svd.read_unet_state_dict, "SVD UNet"),
                            (localizer.load_localizer, "KeyVID localizer"),
-                           (demix.load_demix_model, "MRX demix model")):
+                           (demix.load_demix_model, "MRX or BandIt v2 demix model")):
         with pytest.raises(ModelFormatError, match=expected) as err:
             load(p)
         assert str(p) in str(err.value), load

@@ -96,7 +96,7 @@ def test_garbage_model_file_is_one_line(wav, tmp_path, capsys):
     line = _one_clean_line(err)
     assert rc == 2 and str(bad) in line and "empty" in line and "SVD" in line
     rc, err = _run(["demix", wav, "--out", tmp_path / "o", "--model", bad], capsys)
-    assert rc == 2 and "MRX demix model" in _one_clean_line(err)
+    assert rc == 2 and "MRX or BandIt v2 demix model" in _one_clean_line(err)
     rc, err = _run(["localize", wav, "--out", tmp_path / "kf.json", "--method", "learned", "--model", bad], capsys)
     assert rc == 2 and "KeyVID localizer" in _one_clean_line(err) and str(bad) in err
     assert not (tmp_path / "kf.json").exists()

@@ -3,6 +3,7 @@ librosa / av_align.py parity, and the degenerate inputs."""
 
 import math
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -106,6 +107,34 @@ def test_motion_peaks_threshold():
     assert sm.motion_peaks(m, min_flow=0.0).tolist() == [1, 3, 6]
 
 
+def test_flow_in_a_thread_pool_equals_one_pair_at_a_time():
+    """Frame pairs computed in parallel give the serial trajectory, in frame order, read from a
+    generator (never materialised), with progress reported in order from the calling thread;
+    grey and shrunk (flow_max_side) frames too."""
+    frames, _, events = _clip(24, seed=3)
+    serial = sm.motion_trajectory(iter(frames), workers=1)
+    seen, caller = [], threading.get_ident()
+    par = sm.motion_trajectory((f for f in frames), workers=3,
+                               progress=lambda i: seen.append((i, threading.get_ident())))
+    # the same OpenCV call per pair; measured identical here, the tolerance is the one OpenCV's
+    # internal threading needs run to run (2.2e-9 relative, test_av_align_equals_the_published_definition)
+    np.testing.assert_allclose(par, serial, rtol=1e-6, atol=1e-9)
+    assert [i for i, _ in seen] == list(range(1, len(frames) + 1)) and {t for _, t in seen} == {caller}
+    assert sm.motion_peaks(par).tolist() == events
+    grey = [f.mean(axis=-1).astype(np.uint8) for f in frames]
+    np.testing.assert_allclose(sm.motion_trajectory(grey, max_side=48, workers=2),
+                               sm.motion_trajectory(grey, max_side=48, workers=1), rtol=1e-6, atol=1e-9)
+    assert 1 <= sm.flow_workers() <= sm.MAX_FLOW_WORKERS
+
+
+def test_flow_pool_stops_on_a_bad_frame():
+    frames, _, _ = _clip(24, seed=3)
+    bad = list(frames[:10]) + [frames[10].astype(np.float32)]
+    with pytest.raises(sm.InputError, match="uint8"):
+        sm.motion_trajectory(bad, workers=2)
+    assert not [t for t in threading.enumerate() if t.name.startswith("avsync-flow")]  # pool shut down
+
+
 def test_missing_opencv_names_the_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)
     with pytest.raises(sm.MissingDependencyError, match="pip install opencv-python-headless"):
@@ -185,10 +214,13 @@ def test_av_align_equals_the_published_definition(shift, librosa):
     y = A.clicks([k / fps + shift for k in events], SECONDS, 22050, seed=4) + A.noise(SECONDS, 22050, 0.002, 4)
     y = y.astype(np.float32)
     ref, traj_ref = _reference_av_align(librosa, frames[..., ::-1].copy(), fps, y)  # OpenCV reads BGR
-    ours = sm.score_sync(list(frames), len(frames), fps, y, 22050)
-    # same OpenCV calls on the same pixels; OpenCV's threaded Farneback is not bit-reproducible
-    # run to run (measured: up to 2.2e-9 relative), hence the tolerance
-    np.testing.assert_allclose(ours.motion_energy, traj_ref, rtol=1e-6, atol=1e-9)
-    assert ours.av_align == ref
+    # at the clip's own resolution (flow_max_side=0): av_align.py runs the flow on the frames as
+    # cv2.VideoCapture decodes them, unresized. Frame pairs in a pool of 2 threads and one by one.
+    for workers in (2, 1):
+        ours = sm.score_sync(list(frames), len(frames), fps, y, 22050, workers=workers)
+        # same OpenCV calls on the same pixels; OpenCV's threaded Farneback is not bit-reproducible
+        # run to run (measured: up to 2.2e-9 relative), hence the tolerance
+        np.testing.assert_allclose(ours.motion_energy, traj_ref, rtol=1e-6, atol=1e-9)
+        assert ours.av_align == ref
     if shift == 0.0:
         assert ours.av_align > 0.5  # a score that says something, not 0 == 0

@@ -75,7 +75,8 @@ def main(argv=None) -> int:
                     help="write tiny random-weight models into this ComfyUI models folder first")
     args = ap.parse_args(argv)
     if args.input_dir:
-        for name in ("avsync_example.wav", "avsync_inbetween_first.png", "avsync_inbetween_last.png"):
+        for name in ("avsync_example.wav", "avsync_inbetween_first.png", "avsync_inbetween_last.png",
+                     "movie_hello_512x288.mp4"):
             shutil.copy(ROOT / "example_workflows" / name, args.input_dir / name)
     if args.tiny_models:
         sys.path.insert(0, str(ROOT))
