@@ -65,8 +65,8 @@ def one(setting: str, args) -> dict:
     base = _rss_mb()
     with torch.device("meta" if args.real else "cpu"):
         net = MTVTransformer(cfg)
-    if args.real:   # random weights without a 46 GB fp32 detour
-        net = net.to_empty(device="cpu")
+    if args.real:   # random weights allocated in the compute dtype (no 46 GB fp32 copy)
+        net = net.to(dtype).to_empty(device="cpu")
         with torch.no_grad():
             for p in net.parameters():
                 p.normal_(0, 0.02)
