@@ -70,6 +70,9 @@ def one(setting: str, args) -> dict:
         with torch.no_grad():
             for p in net.parameters():
                 p.normal_(0, 0.02)
+            for buf in net.buffers():      # no uninitialised memory (NaN/inf) in a timed run
+                if buf.is_floating_point():
+                    buf.zero_()
     net = net.to(dtype).eval()
     storage, blocks = "bf16", None
     if setting == "fp8":
