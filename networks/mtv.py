@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .mtv_audio import MTVAudio
+from .mtv_audio import MTVAudio, MTVAudioTokens
 
 
 @dataclass(frozen=True)
@@ -157,18 +157,39 @@ class MTVTransformer(nn.Module):
             self._rope_cache = {key: (cos.to(device), sin.to(device))}
         return self._rope_cache[key]
 
-    def forward(self, latents: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor, speech: torch.Tensor,
-                effects: torch.Tensor, music: torch.Tensor, speech2: Optional[torch.Tensor] = None,
-                clean_frames: int = 0) -> torch.Tensor:
+    def project_audio(self, speech: torch.Tensor, effects: torch.Tensor, music: torch.Tensor,
+                      speech2: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None) -> MTVAudioTokens:
+        """The audio projections of a window (``transformer.py:AudioProjModel`` ×3, 3.73 B parameters at
+        the released size): wav2vec features ``[B, 49, 5, 12, 768]`` per stream → :class:`MTVAudioTokens`.
+        They do not depend on the timestep, so a sampler computes them once per window and passes
+        them to :meth:`forward` as ``audio_tokens`` (bit-equal to projecting inside every call).
+        ``dtype``: the compute dtype the features are cast to (forward casts to the latents')."""
+        if (speech2 is not None) != (self.config.speakers == 2):
+            raise ValueError("MTVTransformer: speech2 is required for speakers=2 and not accepted otherwise")
+        cast = [a.to(dtype) if a is not None and dtype is not None else a for a in (speech, effects, music, speech2)]
+        return self.audio.project(*cast)
+
+    def forward(self, latents: torch.Tensor, text: torch.Tensor, timestep: torch.Tensor,
+                speech: Optional[torch.Tensor] = None, effects: Optional[torch.Tensor] = None,
+                music: Optional[torch.Tensor] = None, speech2: Optional[torch.Tensor] = None,
+                clean_frames: int = 0, audio_tokens: Optional[MTVAudioTokens] = None) -> torch.Tensor:
         """``latents`` [B, T, in_channels, H, W] (latent ‖ zero channels), ``text`` [B, 226, 4096],
         ``timestep`` [B] integer DDPM timesteps, audio [B, 49, 5, 12, 768] per stream
         (``speech2`` only for ``speakers=2``); ``clean_frames`` leading latent frames get the
-        t = 0 AdaLN embedding. Returns the v prediction [B, T, out_channels, H, W]
-        (``dit_video_concat.py:DiffusionTransformer.forward``)."""
+        t = 0 AdaLN embedding. ``audio_tokens``: the window's :meth:`project_audio` output, given
+        instead of the features (the projections are then skipped). Returns the v prediction
+        [B, T, out_channels, H, W] (``dit_video_concat.py:DiffusionTransformer.forward``)."""
         c, bb = self.config, self.backbone
         b, frames, _, height, width = latents.shape
-        if (speech2 is not None) != (c.speakers == 2):
+        if audio_tokens is None and (speech is None or effects is None or music is None):
+            raise ValueError("MTVTransformer: give speech, effects and music features, or audio_tokens")
+        if audio_tokens is not None and any(a is not None for a in (speech, effects, music, speech2)):
+            raise ValueError("MTVTransformer: give either the audio features or audio_tokens, not both")
+        if audio_tokens is None and (speech2 is not None) != (c.speakers == 2):
             raise ValueError("MTVTransformer: speech2 is required for speakers=2 and not accepted otherwise")
+        if audio_tokens is not None and (audio_tokens.speech2 is not None) != (c.speakers == 2):
+            raise ValueError("MTVTransformer: audio_tokens.speech2 is required for speakers=2 and not accepted "
+                             "otherwise")
         if not 0 <= clean_frames <= frames:
             raise ValueError(f"MTVTransformer: clean_frames must be in [0, {frames}], got {clean_frames}")
         dtype = latents.dtype
@@ -184,8 +205,11 @@ class MTVTransformer(nn.Module):
         rope = self._rope(frames, gh, gw, latents.device)
         query_rope = (rope[0][: gh * gw], rope[1][: gh * gw])   # audio query: frame-0 positions
 
-        cast = [a.to(dtype) if a is not None else None for a in (speech, effects, music, speech2)]
-        streams, music_mean = self.audio.encode(cast[0], cast[1], cast[2], cast[3], emb)
+        if audio_tokens is None:
+            audio_tokens = self.project_audio(speech, effects, music, speech2, dtype)
+        elif audio_tokens.speech.shape[0] != b:
+            raise ValueError(f"MTVTransformer: audio_tokens have batch {audio_tokens.speech.shape[0]}, latents {b}")
+        streams, music_mean = self.audio.combine(audio_tokens, emb)
 
         for block, audio in zip(bb.transformer_blocks, self.audio.layers):
             video, text_h = self._block(block, audio, video, text_h, emb, emb0, clean_frames, frames,

@@ -26,6 +26,7 @@ names follow the SAT ones (the state-dict keys are the SAT keys minus the prefix
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -267,17 +268,68 @@ class MTVAudio(nn.Module):
         self.audio_combine = AudioCombineModel(c.dual_blocks, c.audio_dim, c.dual_heads, c.time_embed_dim,
                                                c.dual_mlp_dim)
 
-    def encode(self, speech, effects, music, speech2, emb: torch.Tensor):
-        """``transformer.py:BaseTransformer.forward`` (audio part). Returns the per-layer
-        cross-attention streams ``[speech, (speech 2,) effects]`` (each ``[B·T, tokens, dim]``)
-        and the mean music token ``[B, dim]`` the music modulation uses."""
-        vocal = self.audio_proj(speech)
-        vocal2 = self.audio_proj(speech2) if self.speakers == 2 else None
-        accm = self.audio_proj_effect(effects)
-        music = self.audio_proj_music(music)
+    #: the projection models (``transformer.py:AudioProjModel``), 3.73 B of the 11.59 B parameters
+    PROJECTIONS = ("audio_proj", "audio_proj_effect", "audio_proj_music")
+
+    def projection(self, name: str) -> AudioProjModel:
+        """A projection model, whether registered or held outside the module tree
+        (:meth:`hold_projections_outside`)."""
+        held = self.__dict__.get("_held_projections")
+        return held[name] if held else getattr(self, name)
+
+    @property
+    def projections_held_outside(self) -> bool:
+        return bool(self.__dict__.get("_held_projections"))
+
+    def hold_projections_outside(self) -> None:
+        """Take the three projection models out of the module tree, so that ``.to(device)``,
+        ``parameters()``, ``state_dict()`` and ComfyUI's model management no longer see them:
+        they stay where they are (the CPU) and :meth:`project` moves each to the features'
+        device only while it runs. Only worth it when the tokens are computed once per window
+        (``samplers/mtv.py:MTVBranchModel``), not at every step."""
+        if self.projections_held_outside:
+            return
+        held = {name: self._modules.pop(name) for name in self.PROJECTIONS}
+        object.__setattr__(self, "_held_projections", held)
+
+    def restore_projections(self) -> None:
+        held = self.__dict__.pop("_held_projections", None)
+        for name, module in (held or {}).items():
+            self._modules[name] = module
+
+    def _project(self, name: str, windows: torch.Tensor) -> torch.Tensor:
+        # one sample at a time: the tokens of a batch row never depend on the other rows' count
+        # (a GEMM's blocking can change with the row count), so tokens projected once per branch
+        # are bit-equal to tokens projected inside a batched CFG call
+        model = self.projection(name)
+        home = next(model.parameters()).device
+        borrowed = home != windows.device
+        if borrowed:   # held on the CPU: on the features' device only for this call
+            model.to(windows.device)
+        try:
+            return torch.cat([model(windows[i:i + 1]) for i in range(windows.shape[0])])
+        finally:
+            if borrowed:
+                model.to(home)
+
+    def project(self, speech, effects, music, speech2=None) -> "MTVAudioTokens":
+        """The timestep-independent part of ``transformer.py:BaseTransformer.forward``: the three
+        projections (+ the speaker embeddings of the two-speaker variant). ``[B, 49, 5, 12, 768]``
+        per stream → tokens ``[B, 13, tokens, dim]``."""
+        vocal = self._project("audio_proj", speech)
+        vocal2 = self._project("audio_proj", speech2) if self.speakers == 2 else None
+        accm = self._project("audio_proj_effect", effects)
+        music = self._project("audio_proj_music", music)
         if self.speakers == 2:
             vocal = vocal + self.audio_vocal_embedding
             vocal2 = vocal2 + self.audio_vocal_embedding_1
+        return MTVAudioTokens(vocal, accm, music, vocal2)
+
+    def combine(self, tokens: "MTVAudioTokens", emb: torch.Tensor):
+        """The time-modulated part: the dual blocks on (speech, effects) tokens. Returns the
+        per-layer cross-attention streams ``[speech, (speech 2,) effects]`` (each
+        ``[B·T, tokens, dim]``) and the mean music token ``[B, dim]`` the music modulation uses."""
+        vocal, accm, music, vocal2 = tokens.speech, tokens.effects, tokens.music, tokens.speech2
         b, f = vocal.shape[:2]
         flat = [t.reshape(b * f, *t.shape[2:]) for t in (vocal, accm, music)]
         vocal2 = vocal2.reshape(b * f, *vocal2.shape[2:]) if vocal2 is not None else None
@@ -286,3 +338,26 @@ class MTVAudio(nn.Module):
         # "(b t) n d -> b (t n) d" then mean over all music tokens of the window
         music_mean = flat[2].reshape(b, -1, flat[2].shape[-1]).mean(dim=1)
         return streams, music_mean
+
+    def encode(self, speech, effects, music, speech2, emb: torch.Tensor):
+        """``transformer.py:BaseTransformer.forward`` (audio part): :meth:`project` then :meth:`combine`."""
+        return self.combine(self.project(speech, effects, music, speech2), emb)
+
+
+@dataclass(frozen=True)
+class MTVAudioTokens:
+    """The projected audio tokens of a window, ``[B, 13, tokens, dim]`` per stream (``speech2``
+    only for the two-speaker variant): what :meth:`MTVAudio.project` makes and
+    ``MTVTransformer.forward(..., audio_tokens=)`` takes instead of the wav2vec features. They
+    depend on the features only, not on the timestep."""
+
+    speech: torch.Tensor
+    effects: torch.Tensor
+    music: torch.Tensor
+    speech2: Optional[torch.Tensor] = None
+
+    def as_dict(self) -> dict:
+        out = {"speech": self.speech, "effects": self.effects, "music": self.music}
+        if self.speech2 is not None:
+            out["speech2"] = self.speech2
+        return out

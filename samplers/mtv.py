@@ -229,24 +229,39 @@ class MTVBranchModel:
     [, "speech2"]}`` → ``[1, 49, 5, 12, 768]`` wav2vec features of the window. A branch with
     :data:`TEXT` real gets ``text``, else zeros; with :data:`AUDIO` real the features, else zeros of
     the same shape for every stream (the release zeroes all audio together, as its training dropout
-    does). ``clean_frames`` leading latent frames are the hand-over (t = 0 embedding)."""
+    does). ``clean_frames`` leading latent frames are the hand-over (t = 0 embedding).
+
+    ``cache_audio`` (default): the audio projections (``MTVTransformer.project_audio``; they do not
+    depend on the timestep) run once per window and branch kind — cond features, uncond zeros — and
+    every step passes the tokens (``audio_tokens=``); the release recomputes them in every call
+    (50 steps × 2 CFG rows). Bit-equal to the per-step path (the projections run one sample at a
+    time either way). False: the features go to every call, as released."""
 
     def __init__(self, net: torch.nn.Module, text: torch.Tensor, audio: Dict[str, torch.Tensor], clean_frames: int = 0,
-                 dtype: Optional[torch.dtype] = None, device=None):
+                 dtype: Optional[torch.dtype] = None, device=None, cache_audio: bool = True):
         self.net = net
         self.dtype = dtype or _dtype_of(net)
         self.device = torch.device(device) if device is not None else _device_of(net)
         self.text = text.to(self.device, self.dtype)
         self.audio = {k: v.to(self.device, self.dtype) for k, v in audio.items() if v is not None}
         self.clean_frames = int(clean_frames)
+        self.cache_audio = bool(cache_audio) and hasattr(net, "project_audio")
+        self.projections = 0     # project_audio calls (tests and benchmarks count them)
         self._cache: Dict[frozenset, Dict[str, torch.Tensor]] = {}
 
     def inputs(self, branch: Branch) -> Dict[str, torch.Tensor]:
         key = branch.real
         if key not in self._cache:
             out = {"text": self.text if TEXT in key else torch.zeros_like(self.text)}
-            for name, feats in self.audio.items():
-                out[name] = feats if AUDIO in key else torch.zeros_like(feats)
+            feats = {name: f if AUDIO in key else torch.zeros_like(f) for name, f in self.audio.items()}
+            if self.cache_audio:
+                with torch.no_grad():
+                    tokens = self.net.project_audio(feats["speech"], feats["effects"], feats["music"],
+                                                    feats.get("speech2"), dtype=self.dtype)
+                self.projections += 1
+                out.update({TOKEN_PREFIX + k: v for k, v in tokens.as_dict().items()})
+            else:
+                out.update(feats)
             self._cache[key] = out
         return self._cache[key]
 
@@ -254,9 +269,18 @@ class MTVBranchModel:
         b, f, _, h, w = x.shape
         latents = torch.cat([x.to(self.dtype), x.new_zeros((b, f, ZERO_CHANNELS, h, w), dtype=self.dtype)], dim=2)
         timestep = t.to(self.device).reshape(-1).expand(b)
-        out = self.net(latents, inputs["text"], timestep, inputs["speech"], inputs["effects"], inputs["music"],
-                       speech2=inputs.get("speech2"), clean_frames=self.clean_frames)
+        if TOKEN_PREFIX + "speech" in inputs:
+            from ..networks.mtv_audio import MTVAudioTokens
+
+            tokens = MTVAudioTokens(*(inputs.get(TOKEN_PREFIX + k) for k in ("speech", "effects", "music", "speech2")))
+            out = self.net(latents, inputs["text"], timestep, clean_frames=self.clean_frames, audio_tokens=tokens)
+        else:
+            out = self.net(latents, inputs["text"], timestep, inputs["speech"], inputs["effects"], inputs["music"],
+                           speech2=inputs.get("speech2"), clean_frames=self.clean_frames)
         return out.float()
+
+
+TOKEN_PREFIX = "tokens_"     # MTVBranchModel.inputs keys of the cached projected tokens
 
 
 # --------------------------------------------------------------------------------------
@@ -269,7 +293,8 @@ class MTVSettings:
     which the code ignores). ``windows``: "released" or "render_tail". ``max_windows``: 0 = all.
     ``batched``: the CFG pair in one model call (False: two calls, less activation memory).
     ``arithmetic``: the solver's timestep arithmetic, "released" (SAT) or "diffusers"
-    (``CogVideoXDPMScheduler``)."""
+    (``CogVideoXDPMScheduler``). ``cache_audio``: project the audio once per window (bit-equal;
+    False recomputes it at every call, as released — needed for nothing but the comparison)."""
 
     steps: int = RELEASED_STEPS
     cfg: float = RELEASED_CFG
@@ -278,6 +303,7 @@ class MTVSettings:
     max_windows: int = 0
     batched: bool = True
     arithmetic: str = "released"
+    cache_audio: bool = True
 
     def validate(self) -> "MTVSettings":
         if not 1 <= int(self.steps) <= 1000:
@@ -428,7 +454,7 @@ def run_windows(transformer, vae, text: torch.Tensor, features: Dict[str, torch.
         try:
             net = transformer.load(memory_required=memory_required)
             window_audio = {k: window_features(v, window) for k, v in features.items() if v is not None}
-            family = MTVBranchModel(net, text, window_audio, window.clean_frames)
+            family = MTVBranchModel(net, text, window_audio, window.clean_frames, cache_audio=settings.cache_audio)
             predict = guided_predictor(family, guide, solver.steps, batched=settings.batched, on_call=on_call)
             latents = sample(predict, solver, noise, device=family.device, initial=initial, progress=progress,
                              preview=preview, trace=trace)

@@ -155,7 +155,8 @@ def _features(n: int, seed: int, cfg) -> torch.Tensor:
     return torch.randn(n, cfg.audio_context, cfg.audio_layers_per_frame, cfg.audio_dim, generator=g)
 
 
-def test_uncond_audio_is_zero_before_the_projections():
+@pytest.mark.parametrize("cache_audio", [True, False])
+def test_uncond_audio_is_zero_before_the_projections(cache_audio):
     net, _ = _tiny()
     cfg = net.config
     seen = {}
@@ -164,15 +165,17 @@ def test_uncond_audio_is_zero_before_the_projections():
         for name in ("audio_proj", "audio_proj_effect", "audio_proj_music")]
     text = torch.randn(1, cfg.text_tokens, cfg.text_dim)
     audio = {k: _features(9, i, cfg)[None] for i, k in enumerate(("speech", "effects", "music"))}
-    family = MTVBranchModel(net, text, audio)
+    family = MTVBranchModel(net, text, audio, cache_audio=cache_audio)
     branches = [Branch("uncond"), Branch("cond", frozenset({TEXT, AUDIO}))]
-    inputs = {k: torch.cat([family.inputs(b)[k] for b in branches]) for k in family.inputs(branches[1])}
+    prepared = [family.inputs(b) for b in branches]     # cached: projected here, uncond first
+    inputs = {k: torch.cat([p[k] for p in prepared]) for k in prepared[1]}
     x = torch.randn(2, 3, 16, 4, 6)
     family(x, torch.tensor(500.0), inputs)
     for h in hooks:
         h.remove()
     for name, stream in (("audio_proj", "speech"), ("audio_proj_effect", "effects"), ("audio_proj_music", "music")):
-        (seen_in,) = seen[name]
+        seen_in = torch.cat(seen[name])    # one sample per projection call: [uncond, cond]
+        assert seen_in.shape[0] == 2
         assert torch.count_nonzero(seen_in[0]) == 0, f"{name}: uncond row must be zeros before the projection"
         assert torch.equal(seen_in[1], audio[stream][0])
 
@@ -331,10 +334,62 @@ def test_two_speakers_reach_the_network_and_are_zero_in_uncond():
     finally:
         hook.remove()
     assert video.shape == (9, 32, 48, 3)
-    # the shared speech projection runs for speaker 1, then speaker 2; row 0 (uncond) zeros in both
-    speaker1, speaker2 = seen
-    assert torch.count_nonzero(speaker1[0]) == 0 and torch.count_nonzero(speaker2[0]) == 0
-    assert torch.equal(speaker1[1], feats["speech"][:9]) and torch.equal(speaker2[1], feats["speech2"][:9])
+    # the shared speech projection runs for speaker 1, then speaker 2, once per branch (the cache):
+    # uncond (zeros) first, then cond
+    uncond1, uncond2, speaker1, speaker2 = seen
+    assert torch.count_nonzero(uncond1) == 0 and torch.count_nonzero(uncond2) == 0
+    assert torch.equal(speaker1[0], feats["speech"][:9]) and torch.equal(speaker2[0], feats["speech2"][:9])
+
+
+def test_audio_cache_projects_once_per_window_and_branch_and_changes_nothing():
+    from avsync.samplers.mtv import run_windows
+
+    net, vae = _tiny()
+    cfg = net.config
+    n = 1 + 8 * 2                                     # 2 windows of 9 frames (one hand-over)
+    plan = window_plan(n, 17, frames=9)
+    feats = {k: _features(n, i, cfg) for i, k in enumerate(("speech", "effects", "music"))}
+    text = torch.randn(1, cfg.text_tokens, cfg.text_dim, generator=torch.Generator().manual_seed(2))
+    calls = []
+    hook = net.audio.audio_proj_music.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    try:
+        videos = {}
+        for cache in (True, False):
+            calls.clear()
+            videos[cache] = run_windows(net, vae, text, feats, plan, MTVSettings(steps=3, seed=4, cache_audio=cache))
+            # per projection call one sample: cached, uncond + cond per window; else 2 rows × 3 steps per window
+            assert calls == [1] * (2 * 2 if cache else 2 * 3 * 2), (cache, calls)
+    finally:
+        hook.remove()
+    # a real promise: the same seed and model give the same video, bit for bit, with or without the cache
+    assert torch.equal(videos[True], videos[False])
+    assert float(videos[True].std()) > 0
+
+
+def test_projections_held_on_the_cpu_are_borrowed_per_call_and_stay_out_of_the_module():
+    from tests.factories.mtv import tiny_mtv_transformer
+    from tests.factories.mtv_pipeline_files import SMALL
+
+    _tiny()
+    net = tiny_mtv_transformer(seed=2, **SMALL)
+    cfg = net.config
+    feats = [_features(9, i, cfg)[None] for i in range(3)]
+    before = net.project_audio(*feats)
+    n_params = sum(p.numel() for p in net.parameters())
+    proj_params = sum(p.numel() for name in net.audio.PROJECTIONS for p in getattr(net.audio, name).parameters())
+    net.audio.hold_projections_outside()
+    try:
+        # out of parameters() / state_dict(): ComfyUI's model management and .to() no longer move them
+        assert sum(p.numel() for p in net.parameters()) == n_params - proj_params
+        assert not any(k.startswith("audio.audio_proj") for k in net.state_dict())
+        net.to(torch.float64)                           # a stand-in for .to(device): they are not moved
+        assert net.audio.projection("audio_proj").proj1.weight.dtype == torch.float32
+        net.to(torch.float32)
+        after = net.project_audio(*feats)
+        assert all(torch.equal(a, b) for a, b in zip(before.as_dict().values(), after.as_dict().values()))
+    finally:
+        net.audio.restore_projections()
+    assert sum(p.numel() for p in net.parameters()) == n_params
 
 
 def test_hand_over_matches_the_released_code():
