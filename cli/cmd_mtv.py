@@ -60,7 +60,8 @@ def _model(inputs: dict):
         direct = path_outside_model_folders(str(inputs[name]), folder)
         paths.append(direct if direct is not None else _resolve(folder, inputs[name], name, source))
     return load_mtv_model(inputs["variant"], *paths, tokenizer=_tokenizer_folder(paths[2]), storage=inputs["storage"],
-                          block_swap=int(inputs["block_swap"]), precision=inputs["precision"])
+                          block_swap=int(inputs["block_swap"]), precision=inputs["precision"],
+                          audio_proj_on_cpu=bool(inputs.get("audio_proj_on_cpu", True)))
 
 
 def run(args) -> int:

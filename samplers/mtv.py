@@ -689,13 +689,17 @@ def compute_dtype(precision: str, device) -> torch.dtype:
 
 
 def load_mtv_model(variant: str, transformer, vae, t5, wav2vec, tokenizer=None, storage: str = "bf16",
-                   block_swap: int = 0, precision: str = "auto", vae_tiling: bool = False) -> MTVModel:
+                   block_swap: int = 0, precision: str = "auto", vae_tiling: bool = False,
+                   audio_proj_on_cpu: bool = True) -> MTVModel:
     """Every component from its file (paths): the transformer converted by ``avsync convert mtv``
     (``loaders/mtv.py:load_mtv_transformer``, strict), the VAE (``load_mtv_vae``: converted file or
     diffusers folder), T5 (``loaders/mtv_encoders.py:load_t5_encoder``: a transformers folder or
     ComfyUI's ``t5xxl_*.safetensors``) with its tokenizer (a folder; None: ComfyUI's copy), wav2vec2
     (``load_mtv_audio_encoder``, fp32 as released). ``block_swap``: transformer blocks streamed from
-    the CPU during sampling (0: all resident, under ComfyUI's model management)."""
+    the CPU during sampling (0: all resident, under ComfyUI's model management). ``audio_proj_on_cpu``
+    (on a GPU): the three audio projection models are held outside the managed module, in CPU memory,
+    and moved to the GPU one at a time only while a window's tokens are projected
+    (``MTVAudio.hold_projections_outside``; :class:`MTVBranchModel` projects once per window)."""
     from ..loaders.mtv import load_mtv_transformer, load_mtv_vae
     from ..networks.audio_layers import list_audio_layers
     from ..loaders.mtv_encoders import load_mtv_audio_encoder, load_t5_encoder, load_t5_tokenizer
@@ -721,9 +725,13 @@ def load_mtv_model(variant: str, transformer, vae, t5, wav2vec, tokenizer=None, 
     if not 0 <= int(block_swap) <= cfg.num_layers:
         raise InputError("block_swap", f"must be between 0 and {cfg.num_layers} (the transformer's blocks), "
                                        f"got {block_swap}")
+    proj_off = bool(audio_proj_on_cpu) and torch.device(device).type != "cpu"   # nothing to save on the CPU
+    if proj_off:
+        net.audio.hold_projections_outside()
     memory_settings = MTVMemorySettings(storage=storage, blocks_on_gpu=None if not block_swap else
                                         cfg.num_layers - int(block_swap), batch=2, latent_frames=cfg.latent_frames,
-                                        latent_height=cfg.latent_height, latent_width=cfg.latent_width)
+                                        latent_height=cfg.latent_height, latent_width=cfg.latent_width,
+                                        audio_proj_on_cpu=proj_off)
     memory = MTVMemoryModel(cfg)
     if block_swap:
         est = memory.estimate(memory_settings)
@@ -737,6 +745,7 @@ def load_mtv_model(variant: str, transformer, vae, t5, wav2vec, tokenizer=None, 
     audio = compat.manage_model(load_mtv_audio_encoder(wav2vec, torch.float32, "cpu").eval())
     describe = (f"MTV {variant}: {memory.params / 1e9:.2f} B parameters, {storage} storage, "
                 f"{'block swap: ' + str(block_swap) + ' blocks streamed' if block_swap else 'all blocks resident'}, "
+                f"{'audio projections on the CPU (on the GPU once per window), ' if proj_off else ''}"
                 f"compute {str(dtype).replace('torch.', '')} on {device}; "
                 f"{len(list_audio_layers(net))} audio layers (Audio Sync Guidance 'layers': "
                 f"0-{len(list_audio_layers(net)) - 1})")

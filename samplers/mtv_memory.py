@@ -198,7 +198,9 @@ def mtv_swap_groups(model: nn.Module, audio_projections: bool = True) -> list[li
     forward call uses them: the three audio projection models (1.24 B parameters each at the
     released size, run once per call before the blocks), then block ``i`` with its audio layer."""
     groups: list[list[nn.Module]] = []
-    if audio_projections:
+    # projections held outside the module tree (MTVAudio.hold_projections_outside) are not the
+    # swap's: the sampler projects once per window and moves each to the GPU only then
+    if audio_projections and not getattr(model.audio, "projections_held_outside", False):
         groups += [[model.audio.audio_proj], [model.audio.audio_proj_effect], [model.audio.audio_proj_music]]
     groups += [[block, audio] for block, audio in zip(model.backbone.transformer_blocks, model.audio.layers)]
     return groups
@@ -223,7 +225,7 @@ class BlockSwap:
         self.model = model
         self.device = torch.device(device)
         all_groups = mtv_swap_groups(model) if groups is None else [list(g) for g in groups]
-        n_proj = 3 if groups is None else 0
+        n_proj = 3 if groups is None and not getattr(model.audio, "projections_held_outside", False) else 0
         blocks = all_groups[n_proj:]
         if not 0 <= int(blocks_on_gpu) <= len(blocks):
             raise ValueError(f"blocks_on_gpu must be between 0 and {len(blocks)}, got {blocks_on_gpu}")
@@ -356,10 +358,11 @@ class MTVMemorySettings:
     latent_frames: int = 13
     latent_height: int = 60
     latent_width: int = 90
+    audio_proj_on_cpu: bool = False       # the 3 audio projections held on the CPU, on the GPU one at a time per window
 
     def describe(self) -> str:
         swap = "resident" if self.blocks_on_gpu is None else f"block swap with {self.blocks_on_gpu} blocks on the GPU"
-        return f"storage={self.storage}, {swap}"
+        return f"storage={self.storage}, {swap}" + (", audio_proj_on_cpu" if self.audio_proj_on_cpu else "")
 
 
 #: bytes the VAE decode needs besides its weights, per output pixel-frame of one chunk
@@ -418,14 +421,19 @@ class MTVMemoryModel:
         x = s.batch * tokens * c.hidden * 2
         return (2 * c.mlp_ratio + 6) * x
 
+    def projection_bytes(self, storage: str = "bf16") -> list[int]:
+        """Bytes of each of the three audio projection models."""
+        return [self._bytes(g, storage) for g in self.groups[:3]]
+
     def estimate(self, s: MTVMemorySettings) -> MemoryEstimate:
+        n_proj = 3
+        projections, blocks = self.groups[:n_proj], self.groups[n_proj:]
+        off_gpu = {n for g in projections for n in g} if s.audio_proj_on_cpu else set()
         if s.blocks_on_gpu is None:
-            weights = self.weight_bytes(s.storage)
+            weights = self._bytes([n for n in self._names if n not in off_gpu], s.storage)
         else:
-            n_proj = 3
-            blocks = self.groups[n_proj:]
-            streamed = self.groups[:n_proj] + blocks[s.blocks_on_gpu:]
-            streamed_names = {n for g in streamed for n in g}
+            streamed = ([] if s.audio_proj_on_cpu else projections) + blocks[s.blocks_on_gpu:]
+            streamed_names = {n for g in streamed for n in g} | off_gpu
             resident = self._bytes([n for n in self._names if n not in streamed_names], s.storage)
             biggest = sorted((self._bytes(g, s.storage) for g in streamed), reverse=True)[:2]
             weights = resident + sum(biggest)
@@ -434,16 +442,26 @@ class MTVMemoryModel:
             transient = 2 * max(min(t.numel(), CONV_CHUNK) if t.dim() == 3 else t.numel()
                                 for n, t in self._names.items() if fp8_eligible(n, t.dim()))
         sampling = weights + self.activation_bytes(s) + transient + _OVERHEAD
+        if s.audio_proj_on_cpu:
+            # once per window, before the steps: one projection model borrowed onto the GPU next to
+            # the resident weights (the step's activations are not alive then; the projection's are
+            # a few MB: 49 frames × 24576 wide)
+            sampling = max(sampling, weights + max(self.projection_bytes(s.storage)) + transient + _OVERHEAD)
         frames = 4 * 2  # one decode chunk: 2 latent frames -> up to 8 video frames
         pixels = (s.latent_height * 8) * (s.latent_width * 8) * frames
         decoding = 2 * _VAE_PARAMS + _DECODE_BYTES_PER_PIXEL_FRAME * pixels + _OVERHEAD
         return MemoryEstimate(sampling=sampling, decoding=decoding)
 
     def candidates(self, s: MTVMemorySettings) -> list[MTVMemorySettings]:
-        out = [replace(s, storage="bf16", blocks_on_gpu=None), replace(s, storage="fp8", blocks_on_gpu=None)]
+        # cheapest change first: the projections off the GPU cost a copy per window, fp8 rounds the
+        # weights, block swap copies weights at every step
+        out = [replace(s, storage="bf16", blocks_on_gpu=None), replace(s, storage="bf16", blocks_on_gpu=None,
+                                                                        audio_proj_on_cpu=True),
+               replace(s, storage="fp8", blocks_on_gpu=None)]
         for storage in ("bf16", "fp8"):
             for n in (30, 20, 10, 4, 0):
                 out.append(replace(s, storage=storage, blocks_on_gpu=min(n, self.config.num_layers)))
+        out.append(replace(s, storage="fp8", blocks_on_gpu=None, audio_proj_on_cpu=True))
         return out
 
     def suggestions(self, s: MTVMemorySettings, free_bytes: int) -> list:
