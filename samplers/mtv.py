@@ -725,9 +725,9 @@ def load_mtv_model(variant: str, transformer, vae, t5, wav2vec, tokenizer=None, 
     if not 0 <= int(block_swap) <= cfg.num_layers:
         raise InputError("block_swap", f"must be between 0 and {cfg.num_layers} (the transformer's blocks), "
                                        f"got {block_swap}")
-    proj_off = bool(audio_proj_on_cpu) and torch.device(device).type != "cpu"   # nothing to save on the CPU
-    if proj_off:
+    if audio_proj_on_cpu:   # on the CPU the same code runs, with nothing to move
         net.audio.hold_projections_outside()
+    proj_off = bool(audio_proj_on_cpu) and torch.device(device).type != "cpu"   # what it saves on the device
     memory_settings = MTVMemorySettings(storage=storage, blocks_on_gpu=None if not block_swap else
                                         cfg.num_layers - int(block_swap), batch=2, latent_frames=cfg.latent_frames,
                                         latent_height=cfg.latent_height, latent_width=cfg.latent_width,

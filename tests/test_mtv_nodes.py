@@ -147,6 +147,21 @@ def test_block_swap_and_fp8_storage_run_through_the_nodes(models, mtv_model):
         AVSyncMTVLoader().load(**_load(models[1], block_swap=3))                 # the tiny network has 2 blocks
 
 
+def test_audio_projections_held_on_the_cpu_give_the_same_video(models, mtv_model):
+    from avsync.nodes.mtv_nodes import AVSyncMTVGenerator, AVSyncMTVLoader
+    from avsync.samplers.mtv import _module
+
+    held = _module(mtv_model.transformer)
+    assert held.audio.projections_held_outside                       # the loader's default
+    assert not any(k.startswith("audio.audio_proj") for k in held.state_dict())
+    inside = AVSyncMTVLoader().load(**_load(models[1], audio_proj_on_cpu=False))["result"][0]
+    assert not _module(inside.transformer).audio.projections_held_outside
+    quick = dict(GEN, steps=2, max_windows=1)
+    a = AVSyncMTVGenerator().generate(mtv_model, **_tracks(), **quick)["result"][0]
+    b = AVSyncMTVGenerator().generate(inside, **_tracks(), **quick)["result"][0]
+    assert torch.equal(a, b)
+
+
 def test_memory_check_refuses_before_any_model_runs(mtv_model):
     from avsync.samplers.mtv import encode_audio, generate_mtv
 
