@@ -35,6 +35,28 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def demix_method(chosen: str, model_name: str | None) -> str:
+    """What runs for the demixer's ``method`` choice and a model file (or None): ``"model"``,
+    ``"bandit_v2"`` or ``"dsp"`` (``auto`` uses the model when one is given, as the node does
+    when one is connected)."""
+    use_model = chosen in ("model", "bandit_v2") or (chosen == "auto" and bool(model_name))
+    return (chosen if chosen == "bandit_v2" else "model") if use_model else "dsp"
+
+
+def demix_model_for(method: str, model_name: str | None, flag: str = "--model"):
+    """The demix model :func:`demix_method`'s ``method`` needs (None for ``dsp``), checked against
+    it; ``flag`` names the option in errors (``avsync mtv`` has ``--demix-model``)."""
+    from ..core.errors import InputError
+
+    if method == "dsp":
+        return None
+    model = _model(model_name, method)
+    if method == "bandit_v2" and model.family != "bandit_v2":
+        raise InputError(flag, f"--method bandit_v2 needs a BandIt v2 model, got a {model.family} model "
+                               f"({model.name})")
+    return model
+
+
 def _model(name: str | None, method: str = "model"):
     from ..loaders.demix import BANDIT_DEFAULT_KEY, DEFAULT_KEY, FOLDER, SPECS, load_demix_model
     from .common import path_outside_model_folders, run_node
@@ -77,17 +99,12 @@ def run(args) -> int:
     inputs = node_inputs_from_args(args, "AVSyncDemixer")
     loader = node_inputs_from_args(args, "AVSyncAudioLoader")
     model_name = node_inputs_from_args(args, "AVSyncDemixModelLoader")["model_name"]
-    chosen = inputs["method"]
-    use_model = chosen in ("model", "bandit_v2") or (chosen == "auto" and model_name)
-    method = (chosen if chosen == "bandit_v2" else "model") if use_model else "dsp"
+    method = demix_method(inputs["method"], model_name)
     msg = AVSyncDemixer.VALIDATE_INPUTS(method, inputs["chunk_seconds"], inputs["overlap"])
     if msg is not True:
         option, _, problem = translate_message(args, str(msg)).partition(": ")
         raise InputError(option, problem)
-    model = _model(model_name, method) if use_model else None
-    if model is not None and method == "bandit_v2" and model.family != "bandit_v2":
-        raise InputError("--model", f"--method bandit_v2 needs a BandIt v2 model, got a {model.family} model "
-                                    f"({model.name})")
+    model = demix_model_for(method, model_name)
     _return_freed_memory()
     r = demix_file(args.audio, out, method, model, inputs["chunk_seconds"], inputs["overlap"],
                    bits=32 if args.float else 16, max_seconds=loader["max_duration"], stem_files=STEM_FILES,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from .cmd_inbetween import VIDEO_SUFFIXES
 
 LOADER, GENERATOR, DEMIXER, AUDIO_LOADER = "AVSyncMTVLoader", "AVSyncMTVGenerator", "AVSyncDemixer", "AVSyncAudioLoader"
+DEMIX_LOADER = "AVSyncDemixModelLoader"
 STEMS = ("speech", "effects", "music")
 AUDIO_SKIP = {"audio_file": "--audio", "fps": "MTV generates at 24 fps",
               "sample_rate": "each track is resampled to 16 kHz for wav2vec2; the mix keeps its rate in the mp4"}
@@ -38,10 +39,16 @@ def register(sub) -> None:
     add_common_options(p)
     add_node_arguments(p, AUDIO_LOADER, skip=AUDIO_SKIP, title="audio (AVSyncAudioLoader; every track)")
     add_node_arguments(p, DEMIXER, prefix="demix-", title=f"demixing ({DEMIXER}; flags start with --demix-)")
+    # the demix model file, as `avsync demix --model` takes it (cmd_demix.py: same defaults and loading)
+    add_node_arguments(p, DEMIX_LOADER, prefix="demix-", rename={"model_name": "model"}, paths=("model_name",),
+                       defaults={"model_name": None}, title=f"demix model ({DEMIX_LOADER})",
+                       notes={"model_name": "Given: --demix-method auto uses it. Not given: --demix-method model "
+                                            "uses mrx_default.safetensors, --demix-method bandit_v2 "
+                                            "bandit_v2_multi.safetensors."})
     add_node_arguments(p, LOADER, paths=("transformer", "vae", "t5", "wav2vec"), title=f"model ({LOADER})")
     add_node_arguments(p, GENERATOR, title=f"generation ({GENERATOR})")
     set_input_flags(p, {"audio_file": "--audio", "speech": "--speech", "effects": "--effects", "music": "--music",
-                        "speech2": "--speech2"})
+                        "speech2": "--speech2", "demix_model": "--demix-model"})
     p.set_defaults(func=run)
 
 
@@ -88,11 +95,17 @@ def run(args) -> int:
 
         raise InputError("--speech2", "variant multi needs the second speaker's track (--speech is speaker 1)")
 
+    demix_model = None
+    if any(k not in given for k in STEMS):   # the demix model file is checked before any audio is decoded
+        from .cmd_demix import demix_method, demix_model_for
+
+        model_name = node_inputs_from_args(args, DEMIX_LOADER)["model_name"]
+        demix_model = demix_model_for(demix_method(demix["method"], model_name), model_name, "--demix-model")
     mix, _timeline = load_audio_file(args.audio, **loader)
     tracks = {k: load_audio_file(path, **loader)[0] for k, path in given.items()}
     missing = [k for k in STEMS if k not in tracks]
     if missing:
-        stems = dict(zip(STEMS, run_node(DEMIXER, audio=mix, **demix)))
+        stems = dict(zip(STEMS, run_node(DEMIXER, audio=mix, demix_model=demix_model, **demix)))
         tracks.update({k: stems[k] for k in missing})
     model = _model(model_inputs)
     frames, fps = run_node(GENERATOR, mtv_model=model, **tracks, **gen)

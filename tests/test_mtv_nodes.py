@@ -199,3 +199,42 @@ def test_no_tokenizer_outside_comfyui_names_the_t5_input(models, tmp_path):
     with pytest.raises(InputError, match="^t5: no T5 tokenizer"):
         load_mtv_model("single", root / "avsync" / "mtv" / names["transformer"], root / "avsync" / "mtv" / names["vae"],
                        lone_t5, root / "audio_encoders" / names["wav2vec"], tokenizer=None)
+
+
+def test_cli_mtv_demixes_with_a_model_file(models, tmp_path, monkeypatch, capsys):
+    from avsync.cli import main
+    from avsync.cli.common import save_audio_file
+    from avsync.nodes.demix_nodes import AVSyncDemixer
+    from tests.factories.demix import install_tiny_mrx
+
+    models, names = models
+    mrx = install_tiny_mrx(tmp_path / "elsewhere")       # a file outside the model folders, given by path
+    mix, speech, effects = tmp_path / "mix.wav", tmp_path / "speech.wav", tmp_path / "effects.wav"
+    for path, freq in ((mix, 300.0), (speech, 220.0), (effects, 90.0)):
+        save_audio_file(path, _audio(0.6, freq))
+    seen = []
+    original = AVSyncDemixer.demix
+
+    def spy(self, audio, method="auto", chunk_seconds=20.0, overlap=0.1, demix_model=None):
+        seen.append((method, demix_model))
+        return original(self, audio, method, chunk_seconds, overlap, demix_model)
+
+    monkeypatch.setattr(AVSyncDemixer, "demix", spy)
+    base = ["--models", str(models), "-q", "mtv", "--audio", str(mix), "--speech", str(speech), "--effects",
+            str(effects), "--prompt", "a person", "--transformer", names["transformer"], "--vae", names["vae"],
+            "--t5", names["t5"], "--wav2vec", str(models / "audio_encoders" / names["wav2vec"]),
+            "--precision", "fp32", "--steps", "1", "--max-windows", "1"]
+    out = tmp_path / "out.mp4"
+    assert main(base + ["--out", str(out), "--demix-model", str(mrx)]) == 0 and out.is_file()
+    (method, model), = seen                            # music was demixed (auto + a model file → the model)
+    assert method == "auto" and model is not None and model.family == "mrx"
+    # a wrong file, or a model of the wrong family, fails in one line naming the flag, before any work
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"")
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "b1.mp4"), "--demix-model", str(bad)]) == 2
+    assert "MRX or BandIt v2 demix model" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "b2.mp4"), "--demix-model", str(mrx),
+                        "--demix-method", "bandit_v2"]) == 2
+    assert "--demix-model" in capsys.readouterr().err
+    assert len(seen) == 1 and not (tmp_path / "b1.mp4").exists() and not (tmp_path / "b2.mp4").exists()
