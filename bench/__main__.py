@@ -46,7 +46,7 @@ PLANS = {
     "bench_keyvid": (["--only", "estimate"], ["--mem-height", "160", "--mem-width", "256"],
                      ["--device", "cuda", "--real-config"]),
     # small config on the CPU; the released config (random weights) only with CUDA
-    "bench_mtv": (["--repeats", "1", "--settings", "resident", "resident two-calls"], [],
+    "bench_mtv": (["--repeats", "1", "--settings", "resident", "resident two-calls", "resident no-cache"], [],
                   ["--device", "cuda", "--real", "--settings", "swap 21", "swap 0", "fp8", "resident two-calls"]),
 }
 
