@@ -76,9 +76,11 @@ def test_loader_and_generator_run_the_tiny_model(mtv_model):
 def test_generator_refuses_bad_inputs(mtv_model):
     from avsync.nodes.mtv_nodes import AVSyncMTVGenerator
 
-    assert "windows" in AVSyncMTVGenerator.VALIDATE_INPUTS(windows="tail")
-    assert "max_windows" in AVSyncMTVGenerator.VALIDATE_INPUTS(max_windows=-1)
-    assert AVSyncMTVGenerator.VALIDATE_INPUTS(**{k: v for k, v in GEN.items() if k != "prompt"}) is True
+    # widget values: ComfyUI checks them against the schema (no VALIDATE_INPUTS); generate() again
+    with pytest.raises(InputError, match="windows"):
+        AVSyncMTVGenerator().generate(mtv_model, **_tracks(), **dict(GEN, windows="tail"))
+    with pytest.raises(InputError, match="max_windows"):
+        AVSyncMTVGenerator().generate(mtv_model, **_tracks(), **dict(GEN, max_windows=-1))
     with pytest.raises(InputError, match="speech2"):
         AVSyncMTVGenerator().generate(mtv_model, **_tracks(), speech2=_audio(0.6, 330.0), **GEN)
     with pytest.raises(InputError, match="mtv_model"):
