@@ -90,6 +90,16 @@ def test_generator_refuses_bad_inputs(mtv_model):
                                                                             "sample_rate": 16000}), **GEN)
 
 
+def test_multi_without_speech2_is_one_line_naming_it():
+    # a user's mistake seen from the UI: the multi (two-speaker) model with speech2 left unconnected
+    from avsync.samplers.mtv import _tracks
+
+    track = (torch.zeros(1, 1600), 16000)
+    with pytest.raises(InputError) as err:
+        _tracks("multi", track, track, track, None)
+    assert err.value.input_name == "speech2" and "\n" not in str(err.value)
+
+
 def test_loader_refuses_missing_and_pickled_files(models):
     from avsync.nodes.mtv_nodes import AVSyncMTVLoader
 
