@@ -80,7 +80,7 @@ def run(args) -> int:
     chosen = inputs["method"]
     use_model = chosen in ("model", "bandit_v2") or (chosen == "auto" and model_name)
     method = (chosen if chosen == "bandit_v2" else "model") if use_model else "dsp"
-    msg = AVSyncDemixer.VALIDATE_INPUTS(method, inputs["chunk_seconds"], inputs["overlap"])
+    msg = AVSyncDemixer.check_widgets(method, inputs["chunk_seconds"], inputs["overlap"])
     if msg is not True:
         option, _, problem = translate_message(args, str(msg)).partition(": ")
         raise InputError(option, problem)
