@@ -100,7 +100,7 @@ def run(args) -> int:
     loader = node_inputs_from_args(args, "AVSyncAudioLoader")
     model_name = node_inputs_from_args(args, "AVSyncDemixModelLoader")["model_name"]
     method = demix_method(inputs["method"], model_name)
-    msg = AVSyncDemixer.VALIDATE_INPUTS(method, inputs["chunk_seconds"], inputs["overlap"])
+    msg = AVSyncDemixer.check_widgets(method, inputs["chunk_seconds"], inputs["overlap"])
     if msg is not True:
         option, _, problem = translate_message(args, str(msg)).partition(": ")
         raise InputError(option, problem)

@@ -91,8 +91,10 @@ class AVSyncDemixer:
             },
         }
 
+    # Not VALIDATE_INPUTS: in ComfyUI the schema's combo / min / max already cover these widgets, and a
+    # VALIDATE_INPUTS taking them reported one refusal three times (once per input it takes).
     @classmethod
-    def VALIDATE_INPUTS(cls, method="auto", chunk_seconds=20.0, overlap=0.1):
+    def check_widgets(cls, method="auto", chunk_seconds=20.0, overlap=0.1):
         if method not in METHODS:
             return f"method: must be one of {', '.join(METHODS)}, got {method!r}"
         if not 1.0 <= float(chunk_seconds) <= MAX_CHUNK_SECONDS:
@@ -113,7 +115,7 @@ class AVSyncDemixer:
         if method in MODEL_FAMILY_METHODS and demix_model.family != method:
             raise InputError("demix_model", f"method '{method}' needs a {method} model, got a {demix_model.family} "
                                             f"model ({demix_model.name}); choose method 'model' to run it")
-        msg = self.VALIDATE_INPUTS(method, chunk_seconds, overlap)
+        msg = self.check_widgets(method, chunk_seconds, overlap)
         if msg is not True:
             raise InputError(msg.split(":")[0], msg.split(": ", 1)[1])
         use_model = method in ("model",) + MODEL_FAMILY_METHODS or (method == "auto" and demix_model is not None)

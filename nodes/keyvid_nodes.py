@@ -121,8 +121,10 @@ class AVSyncKeyframeGenerator:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, **kw):
-        return _validate(**kw)
+    def VALIDATE_INPUTS(cls, model=None, keyframes=None, audio=None):
+        # sockets only (given by the CLI; linked inputs never reach it in ComfyUI): ComfyUI checks every
+        # widget's combo / min / max itself only for inputs VALIDATE_INPUTS does not name
+        return _validate(model=model, keyframes=keyframes, audio=audio)
 
     def generate(self, model, image, audio, keyframes, prompt, cfg_img, cfg_txt, cfg_aud, steps, eta, seed,
                  guidance=None, width=512, height=320, tokenizer=None):
@@ -177,8 +179,9 @@ class AVSyncMotionInterpolator:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, **kw):
-        return _validate(**kw)
+    def VALIDATE_INPUTS(cls, interp_model=None, keyframes=None, audio=None):
+        # sockets only, as AVSyncKeyframeGenerator's
+        return _validate(interp_model=interp_model, keyframes=keyframes, audio=audio)
 
     def interpolate(self, interp_model, keyvid_keyframes, keyframes, audio, cfg_img, cfg_txt, cfg_aud, steps, eta,
                     seed, window, guidance=None):

@@ -141,27 +141,33 @@ class AVSyncMTVLoader:
         }}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, **kw):
+    def VALIDATE_INPUTS(cls, transformer=None):
+        """Only ``transformer``: ComfyUI checks the combos and block_swap's range itself for every
+        input VALIDATE_INPUTS does not name (a ``**kw`` signature switched those checks off and repeated
+        a refusal once per input)."""
+        if transformer is not None and str(transformer).lower().endswith((".pt", ".pth", ".ckpt", ".bin")):
+            return (f"transformer: {transformer} is a pickled checkpoint; nodes load only the safetensors file "
+                    f"that `avsync convert mtv` writes")
+        return True
+
+    @staticmethod
+    def _check_choices(**kw):
+        """The combo values, for calls that do not go through ComfyUI's validation (CLI, Python)."""
         from ..samplers.mtv import PRECISIONS, STORAGES, VARIANTS
 
         for name, allowed in (("variant", VARIANTS), ("storage", STORAGES), ("precision", PRECISIONS)):
             if kw.get(name) is not None and kw[name] not in allowed:
-                return f"{name}: must be one of {', '.join(allowed)}, got {kw[name]!r}"
-        t = kw.get("transformer")
-        if t is not None and str(t).lower().endswith((".pt", ".pth", ".ckpt", ".bin")):
-            return (f"transformer: {t} is a pickled checkpoint; nodes load only the safetensors file that "
-                    f"`avsync convert mtv` writes")
-        return True
+                raise InputError(name, f"must be one of {', '.join(allowed)}, got {kw[name]!r}")
 
     def load(self, variant, transformer, vae, t5, wav2vec, storage="bf16", block_swap=0, precision="auto",
              audio_proj_on_cpu=True):
         from ..loaders.mtv import FOLDER, SOURCE, VAE_SOURCE
         from ..samplers.mtv import load_mtv_model
 
-        ok = self.VALIDATE_INPUTS(variant=variant, transformer=transformer, storage=storage, precision=precision)
+        self._check_choices(variant=variant, storage=storage, precision=precision)
+        ok = self.VALIDATE_INPUTS(transformer)
         if ok is not True:
-            name, _, problem = ok.partition(": ")
-            raise InputError(name, problem)
+            raise InputError("transformer", ok.partition(": ")[2])
         paths = (_resolve(FOLDER, transformer, "transformer", SOURCE), _resolve(FOLDER, vae, "vae", VAE_SOURCE),
                  _resolve(T5_FOLDER, t5, "t5", T5_SOURCE), _resolve(WAV2VEC_FOLDER, wav2vec, "wav2vec", WAV2VEC_SOURCE))
         key = tuple(_file_key(p) for p in paths) + (variant, storage, int(block_swap), precision,
@@ -235,23 +241,9 @@ class AVSyncMTVGenerator:
             },
         }
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, **kw):
-        """Widget values only (linked inputs arrive as None and are checked again when the node runs)."""
-        from ..samplers.mtv import WINDOW_MODES
-
-        try:
-            if kw.get("windows") is not None and kw["windows"] not in WINDOW_MODES:
-                raise InputError("windows", f"must be one of {', '.join(WINDOW_MODES)}, got {kw['windows']!r}")
-            if kw.get("cfg") is not None and not float(kw["cfg"]) >= 0:
-                raise InputError("cfg", f"must be ≥ 0, got {kw['cfg']}")
-            if kw.get("steps") is not None and not 1 <= int(kw["steps"]) <= 1000:
-                raise InputError("steps", f"must be between 1 and 1000, got {kw['steps']}")
-            if kw.get("max_windows") is not None and int(kw["max_windows"]) < 0:
-                raise InputError("max_windows", f"must be ≥ 0, got {kw['max_windows']}")
-        except InputError as err:
-            return str(err)
-        return True
+    # No VALIDATE_INPUTS: ComfyUI's own combo / min / max checks cover every widget (a ``**kw``
+    # VALIDATE_INPUTS switches them off: seed −1 and cfg 50 ran); generate() checks them again through
+    # MTVSettings.validate() for calls from the CLI or Python.
 
     def generate(self, mtv_model, prompt, effects, music, steps, cfg, seed, windows, max_windows, batch_cfg,
                  speech=None, speech2=None, guidance=None):

@@ -76,9 +76,11 @@ def test_loader_and_generator_run_the_tiny_model(mtv_model):
 def test_generator_refuses_bad_inputs(mtv_model):
     from avsync.nodes.mtv_nodes import AVSyncMTVGenerator
 
-    assert "windows" in AVSyncMTVGenerator.VALIDATE_INPUTS(windows="tail")
-    assert "max_windows" in AVSyncMTVGenerator.VALIDATE_INPUTS(max_windows=-1)
-    assert AVSyncMTVGenerator.VALIDATE_INPUTS(**{k: v for k, v in GEN.items() if k != "prompt"}) is True
+    # widget values: ComfyUI checks them against the schema (no VALIDATE_INPUTS); generate() again
+    with pytest.raises(InputError, match="windows"):
+        AVSyncMTVGenerator().generate(mtv_model, **_tracks(), **dict(GEN, windows="tail"))
+    with pytest.raises(InputError, match="max_windows"):
+        AVSyncMTVGenerator().generate(mtv_model, **_tracks(), **dict(GEN, max_windows=-1))
     with pytest.raises(InputError, match="speech2"):
         AVSyncMTVGenerator().generate(mtv_model, **_tracks(), speech2=_audio(0.6, 330.0), **GEN)
     with pytest.raises(InputError, match="mtv_model"):
@@ -86,6 +88,16 @@ def test_generator_refuses_bad_inputs(mtv_model):
     with pytest.raises(InputError, match="effects"):
         AVSyncMTVGenerator().generate(mtv_model, **dict(_tracks(), effects={"waveform": torch.zeros(1, 2, 0),
                                                                             "sample_rate": 16000}), **GEN)
+
+
+def test_multi_without_speech2_is_one_line_naming_it():
+    # a user's mistake seen from the UI: the multi (two-speaker) model with speech2 left unconnected
+    from avsync.samplers.mtv import _tracks
+
+    track = (torch.zeros(1, 1600), 16000)
+    with pytest.raises(InputError) as err:
+        _tracks("multi", track, track, track, None)
+    assert err.value.input_name == "speech2" and "\n" not in str(err.value)
 
 
 def test_loader_refuses_missing_and_pickled_files(models):

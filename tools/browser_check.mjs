@@ -5,7 +5,11 @@
 //  2. every UI example workflow loads without missing nodes and with each saved value on the widget
 //     it belongs to (serializing the loaded graph gives back the saved widgets_values);
 //  3. AVSyncSyncScore shows its report text after a small workflow (EmptyImage frames + the example
-//     wav) is queued from the UI.
+//     wav) is queued from the UI;
+//  1b/1c. tooltips show on hovering the audio loader's and the MTV nodes' widgets; the combos (demix
+//     methods, MTV variant / storage / precision / windows) offer the schema's choices and default;
+//  4. user mistakes queued from the UI (a demix method without its model, a missing MTV file) show
+//     their one-line message naming the input, and no traceback.
 // Prints JSON (a "failures" list; exit code 1 when it is not empty) and writes screenshots
 // avsync_browser_<renderer>_*.png into SHOTS_DIR (default: the current folder).
 //
@@ -44,7 +48,8 @@ const repo = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const examples = path.join(repo, "example_workflows");
 const VUE_SETTING = "Comfy.VueNodes.Enabled";
 // the example workflows' inputs, as tools/comfyui_e2e.py copies them (their previews load)
-for (const name of ["avsync_example.wav", "avsync_inbetween_first.png", "avsync_inbetween_last.png"])
+for (const name of ["avsync_example.wav", "avsync_inbetween_first.png", "avsync_inbetween_last.png",
+                    "movie_hello_512x288.mp4"])
   fs.copyFileSync(path.join(examples, name), path.join(inputDir, name));
 
 async function api(method, route, body) {
@@ -151,26 +156,67 @@ async function checkRenderer(renderer) {
   }
   await shot("fresh_node");
 
-  // 1b. the input's tooltip (from the node schema) shows when hovering the audio_file widget
-  const tooltip = (await api("GET", "/object_info/AVSyncAudioLoader")).AVSyncAudioLoader.input.required.audio_file[1].tooltip;
-  if (renderer === "vue") {
-    await page.locator("[data-node-id]").first().getByText("audio_file", { exact: true }).first().hover().catch(() => {});
-  } else {
-    const at = await page.evaluate(() => {
-      const n = app.graph._nodes.find((x) => x.comfyClass === "AVSyncAudioLoader");
-      const w = n.widgets.find((x) => x.name === "audio_file");
-      const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + 40, n.pos[1] + w.y + 10]);
-      const r = app.canvas.canvas.getBoundingClientRect();
-      return [r.left + x, r.top + y];
-    });
-    await page.mouse.move(at[0] - 5, at[1]);
-    await page.mouse.move(at[0], at[1], { steps: 3 });
+  // 1b. inputs' tooltips (from the node schema) show when hovering the widget: the audio loader's
+  // audio_file, and the MTV nodes' widgets
+  const info = await api("GET", "/object_info");
+  const hoverTooltip = async (type, widget) => {
+    const spec = info[type].input.required[widget] ?? info[type].input.optional[widget];
+    const tip = spec[1].tooltip;
+    await page.evaluate(([type]) => {
+      app.graph.clear();
+      const n = LiteGraph.createNode(type);
+      n.pos = [150, 100];
+      app.graph.add(n);
+      app.canvas.ds.offset = [0, 0];
+      app.canvas.ds.scale = 1;
+      app.canvas.setDirty(true, true);
+    }, [type]);
+    await page.waitForTimeout(1000);
+    if (renderer === "vue") {
+      await page.locator("[data-node-id]").first().getByText(widget, { exact: true }).first().hover().catch(() => {});
+    } else {
+      const at = await page.evaluate(([type, widget]) => {
+        const n = app.graph._nodes.find((x) => x.comfyClass === type);
+        const w = n.widgets.find((x) => x.name === widget);
+        const [x, y] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + 40, n.pos[1] + w.y + 10]);
+        const r = app.canvas.canvas.getBoundingClientRect();
+        return [r.left + x, r.top + y];
+      }, [type, widget]);
+      await page.mouse.move(at[0] - 5, at[1]);
+      await page.mouse.move(at[0], at[1], { steps: 3 });
+    }
+    await page.waitForTimeout(1500);
+    const shown = await page.getByText(tip.slice(0, 40)).first().isVisible().catch(() => false);
+    await page.mouse.move(700, 700); // off the node, onto empty canvas
+    await page.waitForTimeout(300);
+    return shown;
+  };
+  res.tooltips = {};
+  for (const [type, widget] of [["AVSyncAudioLoader", "audio_file"], ["AVSyncMTVLoader", "variant"],
+                                ["AVSyncMTVLoader", "storage"], ["AVSyncMTVLoader", "block_swap"],
+                                ["AVSyncMTVGenerator", "steps"], ["AVSyncMTVGenerator", "windows"]]) {
+    res.tooltips[`${type}.${widget}`] = await hoverTooltip(type, widget);
+    if (!res.tooltips[`${type}.${widget}`]) fail(renderer, `no tooltip on hovering ${type}.${widget}`);
+    if (widget === "audio_file") await shot("tooltip");
   }
-  await page.waitForTimeout(1500);
-  res.tooltip_shown = await page.getByText(tooltip.slice(0, 40)).first().isVisible().catch(() => false);
-  if (!res.tooltip_shown) fail(renderer, "no tooltip on hovering audio_file");
-  await shot("tooltip");
-  await page.mouse.move(700, 700); // off the node, onto empty canvas
+  await shot("tooltip_mtv");
+
+  // 1c. combo choices on the widgets are the schema's (demix methods, MTV variant / storage / windows)
+  const combos = [["AVSyncDemixer", "method"], ["AVSyncMTVLoader", "variant"], ["AVSyncMTVLoader", "storage"],
+                  ["AVSyncMTVLoader", "precision"], ["AVSyncMTVGenerator", "windows"]];
+  res.combos = await page.evaluate((combos) => Object.fromEntries(combos.map(([type, widget]) => {
+    const n = LiteGraph.createNode(type);
+    const w = n.widgets.find((x) => x.name === widget);
+    const v = w.options.values;
+    return [`${type}.${widget}`, { values: typeof v === "function" ? v() : v, value: w.value }];
+  })), combos);
+  for (const [type, widget] of combos) {
+    const spec = info[type].input.required[widget];
+    const want = Array.isArray(spec[0]) ? spec[0] : spec[1].options;
+    const got = res.combos[`${type}.${widget}`];
+    if (JSON.stringify(got.values) !== JSON.stringify(want) || got.value !== (spec[1]?.default ?? want[0]))
+      fail(renderer, `${type}.${widget}: widget offers ${JSON.stringify(got)}, schema ${JSON.stringify(spec)}`);
+  }
 
   // 2. every UI example workflow: no missing node, every saved value back on its widget
   res.workflows = {};
@@ -245,6 +291,64 @@ async function checkRenderer(renderer) {
     (t) => t.value && t.value.length > 20 && t.offsetParent !== null && /av|sync|offset/i.test(t.value)));
   if (res.report && !res.report_shown) fail(renderer, "the sync report is set but no visible textarea shows it");
   await shot("sync_report");
+  // the report is display only: saving the workflow keeps exactly the schema's widget values (a stale
+  // report saved with it would come back on reload and shift later values)
+  res.saved_score_values = await page.evaluate(() => app.graph.serialize().nodes
+    .find((n) => n.type === "AVSyncSyncScore").widgets_values);
+  if (JSON.stringify(res.saved_score_values).length > 400 || /offset|AV-Align/i.test(JSON.stringify(res.saved_score_values)))
+    fail(renderer, `the sync report is saved with the workflow: ${JSON.stringify(res.saved_score_values).slice(0, 200)}`);
+
+  // 4. a user's mistake, queued from the UI: one line naming the input, shown without a traceback
+  res.user_errors = {};
+  const jobsApi = (await fetch(`${base}/api/jobs?limit=1`)).ok;
+  const mistakes = {
+    // a demix method that needs a model, with none connected
+    demix_without_model: [["AVSyncAudioLoader", { audio_file: "avsync_example.wav", duration: 1.0 }],
+                          ["AVSyncDemixer", { method: "bandit_v2" }], ["PreviewAudio", {}]],
+    // a listed MTV transformer that is not in the model folder
+    mtv_missing_file: [["AVSyncMTVLoader", { variant: "accm", transformer: "mtv_accm_bf16.safetensors" }],
+                       ["AVSyncAudioLoader", { audio_file: "avsync_example.wav", duration: 1.0 }],
+                       ["AVSyncMTVGenerator", { steps: 1 }], ["PreviewImage", {}]],
+  };
+  const expected = { demix_without_model: "demix_model: method 'bandit_v2' needs a demix model",
+                     mtv_missing_file: "model file 'mtv_accm_bf16.safetensors' not found" };
+  for (const [name, nodes] of Object.entries(mistakes)) {
+    await page.evaluate((nodes) => {
+      app.graph.clear();
+      const made = nodes.map(([type, values], i) => {
+        const n = LiteGraph.createNode(type);
+        n.pos = [100 + 380 * (i % 3), 80 + 300 * Math.floor(i / 3)];
+        app.graph.add(n);
+        for (const [k, v] of Object.entries(values)) n.widgets.find((w) => w.name === k).value = v;
+        return n;
+      });
+      // wire each node's inputs from the nearest earlier node with an output of the same type
+      for (const [i, n] of made.entries()) for (const [slot, inp] of (n.inputs ?? []).entries()) {
+        const src = made.slice(0, i).reverse().find((m) => (m.outputs ?? []).some((x) => x.type === inp.type));
+        if (src && inp.link == null) src.connect(src.outputs.findIndex((x) => x.type === inp.type), n, slot);
+      }
+      app.canvas.setDirty(true, true);
+    }, nodes);
+    await page.waitForTimeout(800);
+    await page.evaluate(() => app.queuePrompt(0, 1));
+    const want = expected[name];
+    const seen = await page.getByText(want).first().waitFor({ state: "visible", timeout: 30000 })
+      .then(() => true).catch(() => false);
+    await page.waitForTimeout(800);
+    const visible = await page.evaluate(() => [...document.querySelectorAll(".p-dialog, [role=dialog], .p-toast")]
+      .filter((d) => d.offsetParent !== null || d.getClientRects().length).map((d) => d.innerText).join("\n---\n"));
+    res.user_errors[name] = { message_shown: seen, traceback_shown: /Traceback|File "/.test(visible),
+                              dialog: visible.slice(0, 1500) };
+    // frontend 1.58.1 files a run's error under its job / workflow; on ComfyUI 0.3.64 (no /api/jobs) it
+    // showed no error at all for these runs (the message was in /history; cause inside the frontend not
+    // established): a note there, a failure where the jobs API exists
+    if (!seen && jobsApi) fail(renderer, `${name}: '${want}' not shown`);
+    if (!seen && !jobsApi) (res.notes ??= []).push(`${name}: no error shown (this ComfyUI has no /api/jobs)`);
+    if (res.user_errors[name].traceback_shown) fail(renderer, `${name}: a traceback is shown`);
+    await shot(`error_${name}`);
+    await dismissDialogs();
+    await page.waitForTimeout(500);
+  }
 
   res.errors = [...new Set(errors)];
   res.warnings = [...new Set(warnings)];
