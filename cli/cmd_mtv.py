@@ -87,8 +87,8 @@ def run(args) -> int:
 
         raise InputError("--speech2", "variant multi needs the second speaker's track (--speech is speaker 1)")
 
-    mix, _timeline = load_audio_file(args.audio, **loader)
-    tracks = {k: load_audio_file(path, **loader)[0] for k, path in given.items()}
+    mix, _timeline = load_audio_file(args.audio, **loader, option="--audio")
+    tracks = {k: load_audio_file(path, **loader, option=f"--{k}")[0] for k, path in given.items()}
     missing = [k for k in STEMS if k not in tracks]
     if missing:
         stems = dict(zip(STEMS, run_node(DEMIXER, audio=mix, **demix)))

@@ -54,6 +54,10 @@ def _validate(**kw):
             v = kw.get(name)
             if v is not None and float(v) < 0:
                 raise InputError(name, f"must be ≥ 0, got {v}")
+        for name in ("width", "height"):  # the generator's size, checked again (with the model) when it runs
+            v = kw.get(name)
+            if v is not None and (int(v) < 8 or int(v) % 8):
+                raise InputError(name, f"must be a positive multiple of 8 px, got {v}")
         if kw.get("window") is not None and kw["window"] not in WINDOWS:
             raise InputError("window", f"must be one of {WINDOWS}, got {kw['window']!r}")
     except InputError as err:
