@@ -114,30 +114,32 @@ class AVSyncDualDirectionalSampler:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, **kw):
-        """The widget values alone, before the SVD model is loaded or run (ComfyUI passes widget values;
-        a linked one is missing here and is checked again when the node runs)."""
-        d = InbetweenSettings()
-        try:
-            _settings(**{name: kw.get(name, default) for name, default in (
-                ("frames", d.num_frames), ("width", d.width), ("height", d.height), ("steps", d.steps),
-                ("cfg", d.cfg), ("cfg_schedule", d.cfg_schedule), ("min_cfg", d.min_cfg), ("fuse", d.fuse),
-                ("renoise_repeats", d.renoise_repeats), ("renoise_ratio", d.renoise_ratio), ("fps", d.fps),
-                ("motion_bucket_id", d.motion_bucket_id), ("noise_aug_strength", d.noise_aug_strength),
-                ("decode_chunk_size", d.decode_chunk_size), ("variant", d.variant), ("execution", d.execution))})
-        except InputError as err:
-            return str(err)
+    def VALIDATE_INPUTS(cls, width=None, height=None):
+        """The size alone, before the SVD model is loaded (the model's own multiple, 64 for SVD, is checked
+        when it runs). ComfyUI skips its min/max check for an input taken here, so the range is checked too;
+        a linked value arrives as None and is checked when the node runs."""
+        spec = cls.INPUT_TYPES()["required"]
+        for name, v in (("width", width), ("height", height)):
+            if v is None:
+                continue
+            lo, hi = spec[name][1]["min"], spec[name][1]["max"]
+            if not lo <= int(v) <= hi:
+                return f"{name}: must be between {lo} and {hi}, got {v}"
+            if int(v) % 8:
+                return f"{name}: must be a positive multiple of 8 px, got {v}"
         return True
 
     def generate(self, svd_model, first_image, last_image, frames, width, height, steps, cfg, seed,
                  renoise_repeats, renoise_ratio, fuse, decode_chunk_size, variant, backward_weights=None,
                  cfg_schedule="constant", min_cfg=1.0, motion_bucket_id=127, fps=7, noise_aug_strength=0.02,
                  execution="fused"):
-        settings = _settings(frames=frames, width=width, height=height, steps=steps, cfg=cfg,
-                             cfg_schedule=cfg_schedule, min_cfg=min_cfg, fuse=fuse, renoise_repeats=renoise_repeats,
-                             renoise_ratio=renoise_ratio, fps=fps, motion_bucket_id=motion_bucket_id,
-                             noise_aug_strength=noise_aug_strength, decode_chunk_size=decode_chunk_size,
-                             variant=variant, execution=execution)
+        settings = InbetweenSettings(
+            num_frames=int(frames), width=int(width), height=int(height), steps=int(steps), cfg=float(cfg),
+            cfg_schedule=cfg_schedule, min_cfg=float(min_cfg), fuse=fuse, renoise_repeats=int(renoise_repeats),
+            renoise_ratio=float(renoise_ratio), fps=int(fps), motion_bucket_id=int(motion_bucket_id),
+            noise_aug_strength=float(noise_aug_strength), decode_chunk_size=int(decode_chunk_size),
+            variant=variant, execution=execution,
+        ).validate()
         if svd_model is None or not all(hasattr(svd_model, a) for a in ("unet", "vae", "image_encoder")):
             raise InputError("svd_model", "expected an SVD model from AVSyncSVDLoader")
         first = _keyframe(first_image, "first_image", 0)
@@ -145,18 +147,6 @@ class AVSyncDualDirectionalSampler:
         weights = backward_weights if variant == "full" else None
         out = generate_inbetween(svd_model, first, last, settings, backward_weights=weights, seed=int(seed))
         return (out,)
-
-
-def _settings(frames, width, height, steps, cfg, cfg_schedule, min_cfg, fuse, renoise_repeats, renoise_ratio, fps,
-              motion_bucket_id, noise_aug_strength, decode_chunk_size, variant, execution) -> InbetweenSettings:
-    """The node's widget values as checked :class:`InbetweenSettings` (``InputError`` names the input)."""
-    return InbetweenSettings(
-        num_frames=int(frames), width=int(width), height=int(height), steps=int(steps), cfg=float(cfg),
-        cfg_schedule=cfg_schedule, min_cfg=float(min_cfg), fuse=fuse, renoise_repeats=int(renoise_repeats),
-        renoise_ratio=float(renoise_ratio), fps=int(fps), motion_bucket_id=int(motion_bucket_id),
-        noise_aug_strength=float(noise_aug_strength), decode_chunk_size=int(decode_chunk_size),
-        variant=variant, execution=execution,
-    ).validate()
 
 
 NODE_CLASS_MAPPINGS = {"AVSyncDualDirectionalSampler": AVSyncDualDirectionalSampler}

@@ -115,13 +115,16 @@ def test_sizes_are_checked_before_the_model_is_loaded(wav, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_inbetween_node_validates_its_widgets_alone():
+def test_inbetween_node_validates_its_size_alone():
     from avsync.nodes.inbetween_nodes import AVSyncDualDirectionalSampler as node
 
     assert node.VALIDATE_INPUTS() is True
-    assert node.VALIDATE_INPUTS(width=1024, height=576, frames=25) is True
+    assert node.VALIDATE_INPUTS(width=1024, height=576) is True
     assert node.VALIDATE_INPUTS(height=100) == "height: must be a positive multiple of 8 px, got 100"
-    assert node.VALIDATE_INPUTS(frames=2).startswith("frames: needs at least 3 frames")
+    # ComfyUI skips its own range check for an input VALIDATE_INPUTS takes: the range is checked here
+    assert node.VALIDATE_INPUTS(width=4096) == "width: must be between 64 and 2048, got 4096"
+    # a linked (converted) widget arrives as None: checked when the node runs
+    assert node.VALIDATE_INPUTS(width=None, height=None) is True
 
 
 def test_unreadable_audio_names_its_flag(wav, text_file, tmp_path, capsys):
