@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,16 +134,46 @@ def table(results: list[dict], markdown: bool) -> str:
     return "\n".join([fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*l) for l in lines])
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return v
+
+
+def _unwritable(path: Path) -> str:
+    """Why ``path`` cannot be written as a new or replaced file ('' when it can)."""
+    if path.is_dir():
+        return "is a directory; expected a file name"
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return f"folder {parent} does not exist"
+    try:  # a real write probe: os.access says yes to root on a read-only or immutable folder
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=parent)
+    except OSError as err:
+        return f"cannot be written ({err.strerror or err})"
+    os.close(fd)
+    os.unlink(probe)
+    return ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="each benchmark's short variant (minutes, not tens of minutes)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these (e.g. bench_sync_score)")
     p.add_argument("--no-gpu", action="store_true", help="skip the real-size GPU variants even when CUDA is present")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per benchmark process (default 3600)")
+    p.add_argument("--timeout", type=_positive_seconds, default=3600.0, help="seconds per benchmark process (default 3600)")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown (README)")
     p.add_argument("--json", metavar="FILE", help="also write every row and the header as JSON")
     args = p.parse_args(argv)
 
+    if args.json:  # refused now, not after hours of benchmarks
+        problem = _unwritable(Path(args.json))
+        if problem:
+            p.error(f"--json: {args.json}: {problem}")
     scripts = sorted(HERE.glob("bench_*.py"))
     if args.only:
         wanted = {n.removesuffix(".py") for n in args.only}
@@ -174,8 +206,10 @@ def main(argv=None) -> int:
     print(f"machine: {m['cpu']}, {m['cores']} cores, {m.get('gpu', 'no GPU')}, torch {m.get('torch', '?')}, "
           f"Python {m['python']}")
     print(table(results, args.markdown))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "results": results}, indent=2) + "\n")
+    if args.json:  # temporary name + rename: an interrupted write leaves no half-written file
+        tmp = Path(args.json).with_name(f".{Path(args.json).name}.partial-{os.getpid()}")
+        tmp.write_text(json.dumps({"header": header, "results": results}, indent=2) + "\n")
+        os.replace(tmp, args.json)
     return 0 if all(r["exit"] == 0 for r in results) else 1
 
 

@@ -84,6 +84,20 @@ def _internal_error(command: str, err: BaseException, verbose: bool) -> int:
     return 1
 
 
+def _command_parser(parser: argparse.ArgumentParser, argv) -> argparse.ArgumentParser:
+    """The parser of the command named in ``argv`` (``avsync convert demix …`` → the ``convert demix``
+    one), or the top-level parser."""
+    found = parser
+    args = list(sys.argv[1:] if argv is None else argv)
+    while True:
+        subs = [a for a in found._actions if isinstance(a, argparse._SubParsersAction)]
+        name = next((x for x in args if subs and x in subs[0].choices), None)
+        if name is None:
+            return found
+        found = subs[0].choices[name]
+        args = args[args.index(name) + 1:]
+
+
 def main(argv=None) -> int:
     from .. import compat
     from ..core.errors import AVSyncError
@@ -92,7 +106,10 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # the command's own parser says it, pointing at that command's --help
+            _command_parser(parser, argv).error(
+                f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exit_:  # --help, --version, or a usage error (already printed, code 2)
         return int(exit_.code or 0)
     verbose, quiet = bool(getattr(args, "verbose", False)), bool(getattr(args, "quiet", False))

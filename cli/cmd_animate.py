@@ -79,8 +79,9 @@ def run(args) -> int:
     check_input_file(args.image, "--image")
     check_input_file(args.audio, "--audio")
     out = check_output_file(args.out, "--out", force, VIDEO_SUFFIXES, "video")
-    image = load_image(args.image)
-    audio, timeline = load_audio_file(args.audio, **node_inputs_from_args(args, "AVSyncAudioLoader"))
+    image = load_image(args.image, "--image")
+    audio, timeline = load_audio_file(args.audio, **node_inputs_from_args(args, "AVSyncAudioLoader"),
+                                       option="--audio")
 
     localize = node_inputs_from_args(args, "AVSyncKeyframeLocalizer")
     if localize["method"] == "learned":

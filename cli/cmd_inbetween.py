@@ -59,7 +59,7 @@ def _load_models(args, variant: str):
 
 def run(args) -> int:
     from .common import (check_input_file, check_output_dir, check_output_file, load_image, run_node, staged_outputs,
-                         write_mp4)
+                         validate_node_inputs, write_mp4)
     from .schema_args import node_inputs_from_args
 
     force = bool(getattr(args, "force", False))
@@ -69,7 +69,9 @@ def run(args) -> int:
     out = check_output_file(args.out, "--out", force, VIDEO_SUFFIXES, "video")
     frame_names = [f"frame_{i:03d}.png" for i in range(inputs["frames"])]
     frames_dir = check_output_dir(args.frames_dir, "--frames-dir", frame_names, force) if args.frames_dir else None
-    first, last = load_image(args.first), load_image(args.last)
+    first, last = load_image(args.first, "--first"), load_image(args.last, "--last")
+    # every widget value is checked before the (multi-GB) SVD model is loaded
+    validate_node_inputs("AVSyncDualDirectionalSampler", dict(inputs))
     model, backward = _load_models(args, inputs["variant"])
     (frames,) = run_node("AVSyncDualDirectionalSampler", svd_model=model, backward_weights=backward,
                          first_image=first, last_image=last, **inputs)

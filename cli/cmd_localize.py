@@ -47,10 +47,10 @@ def run(args) -> int:
         raise OutputError("--plot", plot_path, "is the same file as --out")
     loader = node_inputs_from_args(args, "AVSyncAudioLoader")
     inputs = node_inputs_from_args(args, "AVSyncKeyframeLocalizer")
-    audio, timeline = load_audio_file(args.audio, **loader)
+    audio, timeline = load_audio_file(args.audio, **loader, option="AUDIO")
     inputs.update(audio=audio, timeline=timeline)
     if args.driving_audio:
-        inputs["driving_audio"], _ = load_audio_file(args.driving_audio, **loader)
+        inputs["driving_audio"], _ = load_audio_file(args.driving_audio, **loader, option="--driving-audio")
     if inputs["method"] == "learned":
         model = node_inputs_from_args(args, "AVSyncLocalizerModelLoader")["model_name"]
         inputs["localizer_model"] = _localizer(model)

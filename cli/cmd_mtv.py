@@ -101,8 +101,8 @@ def run(args) -> int:
 
         model_name = node_inputs_from_args(args, DEMIX_LOADER)["model_name"]
         demix_model = demix_model_for(demix_method(demix["method"], model_name), model_name, "--demix-model")
-    mix, _timeline = load_audio_file(args.audio, **loader)
-    tracks = {k: load_audio_file(path, **loader)[0] for k, path in given.items()}
+    mix, _timeline = load_audio_file(args.audio, **loader, option="--audio")
+    tracks = {k: load_audio_file(path, **loader, option=f"--{k}")[0] for k, path in given.items()}
     missing = [k for k in STEMS if k not in tracks]
     if missing:
         stems = dict(zip(STEMS, run_node(DEMIXER, audio=mix, demix_model=demix_model, **demix)))

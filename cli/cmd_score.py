@@ -99,6 +99,12 @@ def read_keyframes(path: str):
 
     try:
         d = json.loads(Path(path).read_text())
+        if not isinstance(d, dict):
+            raise ValueError(f"holds a JSON {type(d).__name__}, not an object")
+        missing = [k for k in ("keyframes", "fps", "num_frames") if k not in d]
+        if missing:
+            # no quotes around the names: messages turn quoted input names into flags
+            raise ValueError(f"has no {', '.join(missing)} field{'s' if len(missing) > 1 else ''}")
         return Keyframes(indices=[int(k) for k in d["keyframes"]], curve=[float(v) for v in d.get("curve", [])],
                          peaks=[int(k) for k in d.get("peaks", [])], valleys=[int(k) for k in d.get("valleys", [])],
                          fps=float(d["fps"]), num_frames=int(d["num_frames"]), method=str(d.get("method", "file")),
@@ -106,7 +112,8 @@ def read_keyframes(path: str):
     except FileNotFoundError:
         raise InputError("--keyframes", f"{path}: file not found") from None
     except (ValueError, KeyError, TypeError) as err:
-        raise InputError("--keyframes", f"{path}: not a keyframes JSON from `avsync localize` ({err!r})") from None
+        why = f"invalid JSON: {err}" if isinstance(err, json.JSONDecodeError) else str(err)
+        raise InputError("--keyframes", f"{path}: not a keyframes JSON from `avsync localize` ({why})") from None
 
 
 def run(args) -> int:
@@ -131,7 +138,7 @@ def run(args) -> int:
     # the whole track, own or separate: the decoder checks it against the audio stream's own
     # duration (not the container's, which a longer video sets), and the report names a
     # length mismatch between audio and video in its reasons
-    audio, _ = load_audio_file(audio_path, fps=float(fps))
+    audio, _ = load_audio_file(audio_path, fps=float(fps), option="--audio" if args.audio else "--video")
     images = torch.from_numpy(frames).to(torch.float32).div_(255.0)
     del frames
     report, *_, plot = run_node(NODE_ID, images=images, audio=audio, fps=float(fps), keyframes=keyframes, **inputs)

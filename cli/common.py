@@ -291,10 +291,18 @@ def _isatty(stream) -> bool:
 
 
 def load_audio_file(path: str | Path, fps: float = 24.0, sample_rate: int = 0, channels: str = "keep",
-                    start: float = 0.0, duration: float = 0.0, max_duration: float = 600.0):
-    """Read an audio file through ``AVSyncAudioLoader``: ``(AUDIO, Timeline)``."""
-    return run_node("AVSyncAudioLoader", audio_file=str(path), start=start, duration=duration,
-                    sample_rate=sample_rate, channels=channels, fps=fps, max_duration=max_duration)
+                    start: float = 0.0, duration: float = 0.0, max_duration: float = 600.0, option: str = ""):
+    """Read an audio file through ``AVSyncAudioLoader``: ``(AUDIO, Timeline)``. ``option`` (the flag
+    that named the file) leads the message of a file that cannot be read."""
+    from ..core.errors import AudioFileError
+
+    try:
+        return run_node("AVSyncAudioLoader", audio_file=str(path), start=start, duration=duration,
+                        sample_rate=sample_rate, channels=channels, fps=fps, max_duration=max_duration)
+    except AudioFileError as err:
+        if not option:
+            raise
+        raise InputError(option, str(err)) from None
 
 
 def save_audio_file(path: str | Path, audio: dict, bits: int = 16) -> None:
@@ -310,8 +318,9 @@ def save_audio_file(path: str | Path, audio: dict, bits: int = 16) -> None:
 # Images in, videos out
 # --------------------------------------------------------------------------------------
 
-def load_image(path) -> "torch.Tensor":
-    """An image file as IMAGE ``[1, H, W, 3]`` (0..1), as core LoadImage gives it."""
+def load_image(path, option: str = "") -> "torch.Tensor":
+    """An image file as IMAGE ``[1, H, W, 3]`` (0..1), as core LoadImage gives it; ``option`` (the flag
+    that named the file) leads the error message."""
     import numpy as np
     import torch
     from PIL import Image, ImageOps
@@ -319,7 +328,12 @@ def load_image(path) -> "torch.Tensor":
     try:
         img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     except (OSError, ValueError) as err:
-        raise InputError(str(path), f"cannot read the image ({err})") from None
+        from PIL import UnidentifiedImageError
+
+        why = "not an image file Pillow can read" if isinstance(err, UnidentifiedImageError) else \
+            f"cannot read the image ({err.strerror or err})" if isinstance(err, OSError) else \
+            f"cannot read the image ({err})"
+        raise InputError(option or str(path), (f"{path}: " if option else "") + why) from None
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
 
 

@@ -15,6 +15,7 @@ from ..samplers.inbetween import (
     InbetweenSettings,
     generate_inbetween,
 )
+from .checks import size_refusal
 from .sockets import IMAGE, SVD_BACKWARD, SVD_MODEL
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -112,6 +113,13 @@ class AVSyncDualDirectionalSampler:
                               "measured)."}),
             },
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None):
+        """The size alone, before the SVD model is loaded (the model's own multiple, 64 for SVD, is checked
+        when it runs). ComfyUI skips its min/max check for an input taken here, so the range is checked too;
+        a linked value arrives as None and is checked when the node runs."""
+        return size_refusal(cls.INPUT_TYPES(), width, height) or True
 
     def generate(self, svd_model, first_image, last_image, frames, width, height, steps, cfg, seed,
                  renoise_repeats, renoise_ratio, fuse, decode_chunk_size, variant, backward_weights=None,

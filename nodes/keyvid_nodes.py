@@ -18,6 +18,7 @@ from ..samplers.keyvid import (
     generate_keyframes,
 )
 from .inbetween_nodes import _keyframe
+from .checks import size_refusal
 from .sockets import AUDIO, GUIDANCE, IMAGE, KEYFRAMES, KEYVID_INTERP_MODEL, KEYVID_KEYFRAMES, KEYVID_MODEL
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -121,10 +122,12 @@ class AVSyncKeyframeGenerator:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, model=None, keyframes=None, audio=None):
-        # sockets only (given by the CLI; linked inputs never reach it in ComfyUI): ComfyUI checks every
-        # widget's combo / min / max itself only for inputs VALIDATE_INPUTS does not name
-        return _validate(model=model, keyframes=keyframes, audio=audio)
+    def VALIDATE_INPUTS(cls, model=None, keyframes=None, audio=None, width=None, height=None):
+        # sockets (given by the CLI; linked inputs never reach it in ComfyUI) and the size, refused before
+        # any model loads (a multiple of 8). ComfyUI checks every other widget's combo / min / max itself:
+        # it skips that check only for inputs VALIDATE_INPUTS names
+        return size_refusal(cls.INPUT_TYPES(), width, height) or _validate(model=model, keyframes=keyframes,
+                                                                                     audio=audio)
 
     def generate(self, model, image, audio, keyframes, prompt, cfg_img, cfg_txt, cfg_aud, steps, eta, seed,
                  guidance=None, width=512, height=320, tokenizer=None):

@@ -116,5 +116,7 @@ CUSTOM_CHECKED = {
     "AVSyncKeyVIDInterpolatorLoader": {"unet", "precision"},
     "AVSyncAudioSyncGuidance": {"w_a", "start", "end", "layers"},
     "AVSyncAudioSyncGuidanceModel": {"w_a", "start", "end", "layers"},
+    "AVSyncKeyframeGenerator": {"width", "height"},            # a multiple of 8, before the model loads
+    "AVSyncDualDirectionalSampler": {"width", "height"},       # range and multiple of 8, before the model loads
     "AVSyncMTVLoader": {"transformer"},                        # a pickled checkpoint: say how to convert it
 }
