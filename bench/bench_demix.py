@@ -11,12 +11,15 @@
    (the naive path). Printed as MB above the process baseline and as a ratio to the
    unchunked pass.
 4. BandIt v2 at the released size (random weights; ``--bandit``, also part of the full
-   run): the wall time of one network call on one 8 s chunk of one channel at 48 kHz,
-   measured in a fresh process together with its peak anonymous resident memory. Its
-   chunker advances 1 s per chunk, so the real-time factor of a C-channel input is
-   ``1 s / (C × time per chunk)`` (resampling and overlap-add cost next to nothing);
-   printed for stereo. One chunk only: at the released size on a shared 2-core CPU a
-   10 s stereo clip (34 chunk-channels) takes tens of minutes.
+   run): the wall time of one network call on one 8 s chunk at 48 kHz, mono (one item)
+   and stereo (two items, run in parallel threads), each measured in a fresh process
+   together with its peak anonymous resident memory. Its chunker advances 1 s per chunk,
+   so the real-time factor of stereo input is ``1 s / time per stereo chunk`` (resampling
+   and overlap-add cost next to nothing). ``--bandit-compare SECONDS``: the network on
+   two items of SECONDS as it ran before networks/cpu_threads.py (every op on all
+   intra-op threads) and as it runs now, in one process, with the largest output
+   difference. ``--bandit-file SECONDS``: a whole stereo input through the chunker (not
+   in the full run: 10 s is 17 stereo chunks, minutes even on a quiet machine).
 3. Peak resident memory of the command line, ``avsync demix FILE --out DIR`` (a
    subprocess, its /proc status sampled every 5 ms from outside), on 16-bit 44.1 kHz
    stereo WAV files of 60 s and 600 s (``--cli-only`` runs just this part). The goal:
@@ -338,12 +341,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="shorter inputs, no MRX")
     p.add_argument("--cli-only", action="store_true", help="only the command line's memory against input length")
-    p.add_argument("--bandit", action="store_true", help="only BandIt v2 at the released size (one chunk)")
+    p.add_argument("--bandit", action="store_true", help="only BandIt v2 at the released size (one mono and one stereo chunk)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--bandit-compare", type=float, metavar="SECONDS",
                    help="only BandIt v2 before / after the threading change, on two items of SECONDS (e.g. 2)")
     p.add_argument("--bandit-file", type=float, metavar="SECONDS",
-                   help="only BandIt v2 over a whole stereo input of SECONDS through its chunker (10 s: ~5 min)")
+                   help="only BandIt v2 over a whole stereo input of SECONDS through its chunker (10 s: 17 stereo chunks)")
     p.add_argument("--bandit-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bandit-compare-child", type=float, help=argparse.SUPPRESS)
     p.add_argument("--bandit-file-child", type=float, help=argparse.SUPPRESS)

@@ -7,11 +7,11 @@ time, and each step's work (a small matrix product and a few pointwise ops) is i
 OpenMP parallel region that ends in a barrier; so do LayerNorm and small matrix
 products elsewhere. GNU OpenMP's threads spin while they wait, and when other processes
 share the cores a waiting thread burns the time slice its partner needs, so each region
-costs scheduler time slices instead of microseconds. BandIt v2 at the released size on
-the shared 2-core machine (``bench/bench_demix.py --bandit-compare``): two 2-s items
-took 33–67 s with two intra-op threads and 8.7 s with one; in two single-threaded
-threads, one item each, 4.4 s. The tiny-model tests ran 55 s with
-``OMP_NUM_THREADS=2`` against 4.5 s with 1.
+costs scheduler time slices instead of microseconds. BandIt v2 at the released size,
+two 2-s items on the shared 2-core machine, in one process: 33–67 s with two intra-op
+threads, 8.7 s with one, 4.4 s in two single-threaded threads, one item each (load ~3);
+``bench/bench_demix.py --bandit-compare 2`` at load ~9: 148 s before, 29 s now
+(docs/demix.md, "Speed on a CPU").
 
 Threads here are started per call (no pool, so nested use cannot deadlock); ATen ops
 release the GIL, so they run in parallel. Each worker sets its own intra-op thread
