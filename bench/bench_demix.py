@@ -354,28 +354,19 @@ def main() -> None:
     if args.child:
         _memory_child(args.child[0], float(args.child[1]))
         return
-    if args.bandit_child:
-        _bandit_child()
-        return
-    if args.bandit_compare_child:
-        _bandit_compare_child(args.bandit_compare_child)
-        return
-    if args.bandit_file_child:
-        _bandit_file_child(args.bandit_file_child)
-        return
-    sys.path.insert(0, str(ROOT))
-    if args.cli_only:
-        cli_table()
-        return
-    if args.bandit:
-        bandit_table()
-        return
-    if args.bandit_compare:
-        bandit_compare_table(args.bandit_compare)
-        return
-    if args.bandit_file:
-        bandit_file_table(args.bandit_file)
-        return
+    # parts run alone (option value, what it runs): subprocess children first, then the tables
+    children = [(args.bandit_child, _bandit_child),
+                (args.bandit_compare_child, lambda: _bandit_compare_child(args.bandit_compare_child)),
+                (args.bandit_file_child, lambda: _bandit_file_child(args.bandit_file_child))]
+    tables = [(args.cli_only, cli_table), (args.bandit, bandit_table),
+              (args.bandit_compare, lambda: bandit_compare_table(args.bandit_compare)),
+              (args.bandit_file, lambda: bandit_file_table(args.bandit_file))]
+    for i, (wanted, part) in enumerate(children + tables):
+        if i == len(children):
+            sys.path.insert(0, str(ROOT))
+        if wanted:
+            part()
+            return
     seconds = 20.0 if args.quick else 60.0
     print(f"real-time factor, 44.1 kHz stereo, {seconds:g} s, 2 threads (higher is faster)")
     r = rtf("dsp", seconds)
