@@ -11,12 +11,15 @@
    (the naive path). Printed as MB above the process baseline and as a ratio to the
    unchunked pass.
 4. BandIt v2 at the released size (random weights; ``--bandit``, also part of the full
-   run): the wall time of one network call on one 8 s chunk of one channel at 48 kHz,
-   measured in a fresh process together with its peak anonymous resident memory. Its
-   chunker advances 1 s per chunk, so the real-time factor of a C-channel input is
-   ``1 s / (C × time per chunk)`` (resampling and overlap-add cost next to nothing);
-   printed for stereo. One chunk only: at the released size on a shared 2-core CPU a
-   10 s stereo clip (34 chunk-channels) takes tens of minutes.
+   run): the wall time of one network call on one 8 s chunk at 48 kHz, mono (one item)
+   and stereo (two items, run in parallel threads), each measured in a fresh process
+   together with its peak anonymous resident memory. Its chunker advances 1 s per chunk,
+   so the real-time factor of stereo input is ``1 s / time per stereo chunk`` (resampling
+   and overlap-add cost next to nothing). ``--bandit-compare SECONDS``: the network on
+   two items of SECONDS as it ran before networks/cpu_threads.py (every op on all
+   intra-op threads) and as it runs now, in one process, with the largest output
+   difference. ``--bandit-file SECONDS``: a whole stereo input through the chunker (not
+   in the full run: 10 s is 17 stereo chunks, minutes even on a quiet machine).
 3. Peak resident memory of the command line, ``avsync demix FILE --out DIR`` (a
    subprocess, its /proc status sampled every 5 ms from outside), on 16-bit 44.1 kHz
    stereo WAV files of 60 s and 600 s (``--cli-only`` runs just this part). The goal:
@@ -104,39 +107,125 @@ class _PeakAnon:
         return False
 
 
-def _bandit_child() -> None:
-    """Runs in a subprocess: one released-size BandIt v2 call on one 8 s mono chunk at
-    48 kHz; prints {seconds, baseline_mb, peak_mb} (anonymous resident memory)."""
+def _bandit_net():
     import torch
 
     from avsync.networks.bandit_v2 import BanditV2
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    net = BanditV2().eval().requires_grad_(False)
+    return BanditV2().eval().requires_grad_(False)
+
+
+def _bandit_child() -> None:
+    """Runs in a subprocess: one released-size BandIt v2 call on one 8 s chunk at 48 kHz,
+    mono (one item) and stereo (two items, what the chunker passes for stereo input);
+    prints {seconds, baseline_mb, peak_mb} of each (anonymous resident memory)."""
+    import torch
+
+    net = _bandit_net()
+    r = {"params": sum(p.numel() for p in net.parameters())}
+    for name, channels in (("mono", 1), ("stereo", 2)):
+        x = torch.randn(1, channels, net.config.chunk_samples) * 0.1
+        with _PeakAnon(0.005) as mem:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                net(x)
+            r[name] = {"seconds": time.perf_counter() - t0, "baseline_mb": mem.base, "peak_mb": mem.peak}
+    print(json.dumps(r))
+
+
+def _bandit_compare_child(seconds: float) -> None:
+    """Runs in a subprocess: the released-size network on two ``seconds``-long items
+    (one stereo input), first as it ran before (``nn.GRU`` called directly, all items in
+    one batch, every op on both intra-op threads), then as it runs now
+    (networks/cpu_threads.py), in the same process; prints both times and the largest
+    difference of the outputs."""
+    import torch
+
+    import avsync.networks.bandit_v2 as bandit
+
+    net = _bandit_net()
+    x = torch.randn(1, 2, int(seconds * net.config.sample_rate)) * 0.1
+    threaded = (bandit.run_items_in_threads, bandit.run_rnn)
+    old = (lambda fn, items, module: fn(items), lambda rnn, z: rnn(z)[0])
+    r, ys = {}, {}
+    with torch.inference_mode():
+        for name, (items_fn, rnn_fn) in (("before", old), ("after", threaded)):
+            bandit.run_items_in_threads, bandit.run_rnn = items_fn, rnn_fn
+            t0, c0 = time.perf_counter(), time.process_time()
+            ys[name] = net(x)
+            r[name] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
+    bandit.run_items_in_threads, bandit.run_rnn = threaded
+    r["max_abs_diff"] = float((ys["before"] - ys["after"]).abs().max())
+    print(json.dumps(r))
+
+
+def _bandit_file_child(seconds: float) -> None:
+    """Runs in a subprocess: ``demix(..., "bandit_v2")`` (the chunker: 8 s chunks on a
+    1 s hop) on ``seconds`` of 48 kHz stereo noise with the released-size network."""
+    import torch
+
+    from avsync import compat
+    from avsync.loaders.demix import BANDIT_CHUNK_BATCH, DemixModel
+    from avsync.samplers.demix import demix
+
+    net = _bandit_net()
     cfg = net.config
-    x = torch.randn(1, 1, cfg.chunk_samples) * 0.1
-    with _PeakAnon(0.005) as mem:
+    model = DemixModel(family="bandit_v2", managed=compat.manage_model(net, {"family": "bandit_v2"}),
+                       sample_rate=cfg.sample_rate, source_names=tuple(cfg.stems), min_length=net.min_length,
+                       name="random released-size BandIt v2",
+                       chunking={"kind": "bandit", "chunk_seconds": cfg.chunk_seconds,
+                                 "hop_seconds": cfg.hop_seconds, "batch": BANDIT_CHUNK_BATCH},
+                       loudness_normalize=False)
+    x = torch.randn(2, int(seconds * cfg.sample_rate)) * 0.1
+    with _PeakAnon(0.01) as mem:
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            net(x)
-        seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "baseline_mb": mem.base, "peak_mb": mem.peak,
-                      "params": sum(p.numel() for p in net.parameters())}))
+        y = demix(x, cfg.sample_rate, "bandit_v2", model)
+        wall = time.perf_counter() - t0
+    assert y.shape == (3, 2, x.shape[1]) and bool(torch.isfinite(y).all())
+    print(json.dumps({"seconds": wall, "baseline_mb": mem.base, "peak_mb": mem.peak}))
+
+
+def _run_child(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bandit_table() -> None:
-    out = subprocess.run([sys.executable, __file__, "--bandit-child"], capture_output=True, text=True, check=True,
-                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    work = r["peak_mb"] - r["baseline_mb"]
-    stereo = 1.0 / (2 * r["seconds"])
+    r = _run_child("--bandit-child")
     print(f"BandIt v2, released size ({r['params'] / 1e6:.1f} M parameters, random weights), 2 threads")
-    print(f"  one 8 s mono chunk at 48 kHz: {r['seconds']:.1f} s; working memory {work:.0f} MB above the loaded "
-          f"model (peak {r['peak_mb']:.0f} MB anonymous)")
+    for name in ("mono", "stereo"):
+        m = r[name]
+        print(f"  one 8 s {name} chunk at 48 kHz: {m['seconds']:.1f} s; working memory "
+              f"{m['peak_mb'] - m['baseline_mb']:.0f} MB above the loaded model (peak {m['peak_mb']:.0f} MB anonymous)")
+    stereo = 1.0 / r["stereo"]["seconds"]
     print(f"  real-time factor, stereo (1 s hop per chunk): {stereo:.4f}x")
-    row("demix bandit_v2 (released size), one 8 s mono chunk", r["seconds"], "s", peak_mb=r["peak_mb"])
+    row("demix bandit_v2 (released size), one 8 s mono chunk", r["mono"]["seconds"], "s", peak_mb=r["mono"]["peak_mb"])
+    row("demix bandit_v2 (released size), one 8 s stereo chunk", r["stereo"]["seconds"], "s",
+        peak_mb=r["stereo"]["peak_mb"])
     row("demix bandit_v2 (released size), stereo", stereo, "x real time")
+
+
+def bandit_compare_table(seconds: float) -> None:
+    r = _run_child("--bandit-compare-child", str(seconds))
+    ratio = r["before"]["seconds"] / r["after"]["seconds"]
+    print(f"BandIt v2, released size, two {seconds:g} s items (one stereo input), 2 threads, same process")
+    for name in ("before", "after"):
+        print(f"  {name:6s}: {r[name]['seconds']:7.1f} s wall, {r[name]['cpu_seconds']:7.1f} s CPU")
+    print(f"  after is {ratio:.1f}x faster; outputs differ by at most {r['max_abs_diff']:.1e}")
+    row(f"demix bandit_v2 (released size), 2 x {seconds:g} s items, threads per item", r["after"]["seconds"], "s",
+        ratio=ratio, vs="intra-op threads per op (before)")
+
+
+def bandit_file_table(seconds: float) -> None:
+    r = _run_child("--bandit-file-child", str(seconds))
+    rtf = seconds / r["seconds"]
+    print(f"BandIt v2, released size, {seconds:g} s of 48 kHz stereo through its chunker, 2 threads: "
+          f"{r['seconds']:.1f} s ({rtf:.4f}x real time), peak {r['peak_mb']:.0f} MB anonymous")
+    row(f"demix bandit_v2 (released size), {seconds:g} s 48 kHz stereo file", rtf, "x real time",
+        peak_mb=r["peak_mb"])
 
 
 def _anon_mb() -> float:
@@ -252,23 +341,32 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="shorter inputs, no MRX")
     p.add_argument("--cli-only", action="store_true", help="only the command line's memory against input length")
-    p.add_argument("--bandit", action="store_true", help="only BandIt v2 at the released size (one chunk)")
+    p.add_argument("--bandit", action="store_true", help="only BandIt v2 at the released size (one mono and one stereo chunk)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--bandit-compare", type=float, metavar="SECONDS",
+                   help="only BandIt v2 before / after the threading change, on two items of SECONDS (e.g. 2)")
+    p.add_argument("--bandit-file", type=float, metavar="SECONDS",
+                   help="only BandIt v2 over a whole stereo input of SECONDS through its chunker (10 s: 17 stereo chunks)")
     p.add_argument("--bandit-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--bandit-compare-child", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--bandit-file-child", type=float, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         _memory_child(args.child[0], float(args.child[1]))
         return
-    if args.bandit_child:
-        _bandit_child()
-        return
-    sys.path.insert(0, str(ROOT))
-    if args.cli_only:
-        cli_table()
-        return
-    if args.bandit:
-        bandit_table()
-        return
+    # parts run alone (option value, what it runs): subprocess children first, then the tables
+    children = [(args.bandit_child, _bandit_child),
+                (args.bandit_compare_child, lambda: _bandit_compare_child(args.bandit_compare_child)),
+                (args.bandit_file_child, lambda: _bandit_file_child(args.bandit_file_child))]
+    tables = [(args.cli_only, cli_table), (args.bandit, bandit_table),
+              (args.bandit_compare, lambda: bandit_compare_table(args.bandit_compare)),
+              (args.bandit_file, lambda: bandit_file_table(args.bandit_file))]
+    for i, (wanted, part) in enumerate(children + tables):
+        if i == len(children):
+            sys.path.insert(0, str(ROOT))
+        if wanted:
+            part()
+            return
     seconds = 20.0 if args.quick else 60.0
     print(f"real-time factor, 44.1 kHz stereo, {seconds:g} s, 2 threads (higher is faster)")
     r = rtf("dsp", seconds)

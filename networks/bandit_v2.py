@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..core.stft import hann, istft, stft
+from .cpu_threads import run_items_in_threads, run_rnn
 
 SOURCE_NAMES = ("speech", "music", "sfx")
 SAMPLE_RATE = 48000
@@ -178,7 +179,7 @@ class _ResidualRNN(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         b, u, a, d = z.shape
-        y = self.rnn(self.norm(z).reshape(b * u, a, d))[0]
+        y = run_rnn(self.rnn, self.norm(z).reshape(b * u, a, d))
         return self.fc(y.reshape(b, u, a, -1)) + z
 
 
@@ -303,7 +304,8 @@ class BanditV2(nn.Module):
         k = self.config.in_channels
         if c % k:
             raise ValueError(f"BandIt v2 with in_channels={k} cannot take {c} channels")
-        y = self.separate_items(x.reshape(b * c // k, k, t))
+        # items are independent: on a CPU they run in parallel threads, not op by op (networks/cpu_threads.py)
+        y = run_items_in_threads(self.separate_items, x.reshape(b * c // k, k, t), self)
         return y.reshape(b, c // k, len(self.config.stems), k, t).transpose(1, 2).reshape(b, -1, c, t)
 
 

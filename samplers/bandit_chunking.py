@@ -146,6 +146,10 @@ def bandit_overlap_add_stream(process: ChunkProcessor, blocks: Iterable[torch.Te
         c = buf.shape[0]
         xs = []
         for j in ks:
+            lo = j * hop - f - base
+            if lo >= 0 and lo + chunk <= held and (n is None or j * hop - f + chunk <= n):
+                xs.append(buf[:, lo:lo + chunk])       # wholly inside the signal: a plain slice, no padding
+                continue
             idx, valid = _source_indices(torch.arange(j * hop - f, j * hop - f + chunk), n, fr, er)
             local = idx - base
             if bool(((local < 0) | (local >= held))[valid].any()):

@@ -19,9 +19,11 @@ from .chunking import overlap_add_stream, run_overlap_add
 METHODS = ("auto", "dsp", "model", "bandit_v2")
 MODEL_FAMILIES = ("bandit_v2",)           # methods that name the family of the connected model
 MODEL_METHODS = ("model",) + MODEL_FAMILIES
-# BandIt v2 at the released size: 576 MB of working memory above the loaded model for one 8 s mono chunk
-# at 48 kHz (384,000 samples; bench/bench_demix.py --bandit) = 1500 B; rounded up
-BANDIT_CHUNK_BYTES_PER_SAMPLE = 1600
+# BandIt v2 at the released size: 734 and 792 MB of working memory above the loaded model for one 8 s
+# mono chunk at 48 kHz in two runs (384,000 samples; bench/bench_demix.py --bandit) = up to 2063 B (a
+# stereo chunk, its two channels in parallel threads: 1038-1129 MB = up to 1470 B per sample and channel);
+# rounded up. It was 576 MB when the two directions of each GRU ran one after the other.
+BANDIT_CHUNK_BYTES_PER_SAMPLE = 2200
 REFERENCE_LUFS = -27.0   # the reference separate.py brings input to DnR's average loudness
 # Peak working memory of one dsp chunk per input sample and channel (STFT, magnitudes,
 # masks, three stems): measured with bench/bench_demix.py, ~184 MB for 20 s of 44.1 kHz
