@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -178,3 +179,11 @@ def sha256_file(path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def count_indexed(keys, pattern: str) -> int:
+    """How many numbered parts (``layers.0.…``, ``layers.1.…``) ``keys`` hold: one more than the largest
+    index that ``pattern``'s first group captures at the start of a key (0 when none matches)."""
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
+    return max(found) + 1 if found else 0

@@ -36,7 +36,6 @@ encoders' loader).
 from __future__ import annotations
 
 import json
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -47,7 +46,7 @@ import torch
 
 from ..core.errors import ModelFormatError
 from .checked_file import load_pickled_checked, open_checked
-from .common import _assign, _meta_module, check_state_fits, sha256_file, write_safetensors_streamed
+from .common import _assign, _meta_module, check_state_fits, count_indexed, sha256_file, write_safetensors_streamed
 from .model_files import ModelFileSpec, register
 
 SAT_PREFIX = "model.diffusion_model."
@@ -227,12 +226,6 @@ def plan_keys(state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> 
     return KeyPlan(sources, shapes, dropped)
 
 
-def _count(keys, pattern: str) -> int:
-    rx = re.compile(pattern)
-    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
-    return max(found) + 1 if found else 0
-
-
 def infer_config(shapes: Mapping[str, tuple], variant: Optional[str] = None, **overrides):
     """The :class:`~avsync.networks.mtv.MTVConfig` whose network has these (our-key) shapes,
     from the tensors that fix each size; the latent grid and the 64-wide heads are the
@@ -249,7 +242,7 @@ def infer_config(shapes: Mapping[str, tuple], variant: Optional[str] = None, **o
     hidden = shape("backbone.patch_embed.proj.weight")[0]
     head_dim = overrides.pop("head_dim", base.head_dim)
     fields = dict(
-        num_layers=_count(shapes, r"backbone\.transformer_blocks\.(\d+)\."),
+        num_layers=count_indexed(shapes, r"backbone\.transformer_blocks\.(\d+)\."),
         num_heads=hidden // head_dim, head_dim=head_dim,
         in_channels=shape("backbone.patch_embed.proj.weight")[1],
         patch_size=shape("backbone.patch_embed.proj.weight")[2],
@@ -257,7 +250,7 @@ def infer_config(shapes: Mapping[str, tuple], variant: Optional[str] = None, **o
         time_embed_dim=shape("backbone.time_embedding.linear_1.weight")[0],
         audio_dim=shape("audio.audio_proj.norm.weight")[0],
         audio_proj_hidden=shape("audio.audio_proj.proj1.weight")[0],
-        dual_blocks=_count(shapes, r"audio\.audio_combine\.dual_blocks\.(\d+)\."),
+        dual_blocks=count_indexed(shapes, r"audio\.audio_combine\.dual_blocks\.(\d+)\."),
         speakers=2 if any(k.startswith("audio.layers.0.audio_attn_second.") for k in shapes) else 1,
     )
     p = fields["patch_size"]

@@ -23,7 +23,6 @@ missing / unexpected names in the error).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
@@ -33,7 +32,8 @@ import torch
 from ..core.errors import ModelFormatError
 from ..networks.mtv_encoders import MTV_VAE_SCALE, MTVAudioEncoder, MTVVae
 from .checked_file import load_pickled_checked, open_checked
-from .svd import LazyStateDict, _assign, _meta_module, _weight_files, parse_dtype
+from .common import _assign, _meta_module, count_indexed
+from .svd import LazyStateDict, _weight_files, parse_dtype
 
 def _read_all(files, what: str) -> LazyStateDict:
     """The tensors of one or more (sharded) safetensors files, each file checked by :func:`open_checked`;
@@ -80,11 +80,6 @@ def wav2vec_state(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _count(keys, pattern: str) -> int:
-    found = {int(m.group(1)) for k in keys for m in [re.match(pattern, k)] if m}
-    return max(found) + 1 if found else 0
-
-
 def infer_wav2vec_config(state: Mapping[str, torch.Tensor]) -> dict:
     """A ``Wav2Vec2Config`` dict for a bare state dict: the base-960h layout (strides, norms) with the sizes
     read from the tensors. Heads are not visible in the weights: hidden/64 (12 for base)."""
@@ -92,11 +87,11 @@ def infer_wav2vec_config(state: Mapping[str, torch.Tensor]) -> dict:
     keys = list(state)
     try:
         hidden = shape("feature_projection.projection.weight")[0]
-        convs = _count(keys, r"feature_extractor\.conv_layers\.(\d+)\.conv\.weight")
+        convs = count_indexed(keys, r"feature_extractor\.conv_layers\.(\d+)\.conv\.weight")
         conv_dim = tuple(shape(f"feature_extractor.conv_layers.{i}.conv.weight")[0] for i in range(convs))
         conv_kernel = tuple(shape(f"feature_extractor.conv_layers.{i}.conv.weight")[2] for i in range(convs))
         pos = shape("encoder.pos_conv_embed.conv.parametrizations.weight.original1")
-        layers = _count(keys, r"encoder\.layers\.(\d+)\.")
+        layers = count_indexed(keys, r"encoder\.layers\.(\d+)\.")
         inter = shape("encoder.layers.0.feed_forward.intermediate_dense.weight")[0]
     except KeyError as err:
         raise ModelFormatError(f"the weights lack {err} and are not {WAV2VEC_WHAT}") from None
@@ -195,7 +190,7 @@ def infer_t5_config(state: Mapping[str, torch.Tensor]) -> dict:
     gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in state
     d_ff = state["encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"].shape[0]
     return dict(vocab_size=int(vocab), d_model=int(d_model), d_kv=int(inner) // int(heads), d_ff=int(d_ff),
-                num_layers=_count(keys, r"encoder\.block\.(\d+)\."), num_heads=int(heads),
+                num_layers=count_indexed(keys, r"encoder\.block\.(\d+)\."), num_heads=int(heads),
                 feed_forward_proj="gated-gelu" if gated else "relu", relative_attention_num_buckets=32,
                 relative_attention_max_distance=128, layer_norm_epsilon=1e-6, is_encoder_decoder=False,
                 tie_word_embeddings=False)
@@ -262,7 +257,7 @@ VAE_WHAT = "a diffusers AutoencoderKLCogVideoX folder (config.json + diffusion_p
 def load_cogvideox_vae(path, dtype=torch.float32, device="cpu", tiling: bool = False) -> MTVVae:
     """:class:`MTVVae` from a diffusers folder (``vae/`` of a CogVideoX model folder, or the VAE folder
     itself). The scale is MTV's 0.7 whatever the config says (``configs/cogvideox_5b.yaml``)."""
-    from diffusers import AutoencoderKLCogVideoX
+    from .mtv import load_mtv_vae   # the one CogVideoX VAE loader (strict, scale 0.7)
 
     path = Path(path)
     dtype = parse_dtype(dtype)
@@ -273,6 +268,5 @@ def load_cogvideox_vae(path, dtype=torch.float32, device="cpu", tiling: bool = F
     config = json.loads((folder / "config.json").read_text())
     if config.get("_class_name", "AutoencoderKLCogVideoX") != "AutoencoderKLCogVideoX":
         raise ModelFormatError(f"{folder}: a {config.get('_class_name')}, not an AutoencoderKLCogVideoX")
-    state = {k: v.to(dtype) for k, v in _read_all(files, VAE_WHAT).items()}
-    vae = _assign(_meta_module(lambda: AutoencoderKLCogVideoX.from_config(config)), state, f"CogVideoX VAE ({folder})")
-    return MTVVae(vae.to(device), scale=MTV_VAE_SCALE, tiling=tiling)
+    vae = load_mtv_vae(folder, device, dtype)
+    return MTVVae(vae, scale=MTV_VAE_SCALE, tiling=tiling)

@@ -26,9 +26,8 @@ The released code has none of these (it loads the whole engine in bf16 on one GP
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
