@@ -117,11 +117,13 @@ class AVSyncSyncScore:
             },
         }
 
+    # Only flow_max_side needs a check beyond the schema (0, or 16..8192: its min / max cannot say that).
+    # ComfyUI skips its own combo / min / max check of every input VALIDATE_INPUTS takes and reports a
+    # refusal once per input taken: taking all six widgets showed one bad value six times. score() checks
+    # all of them again for direct calls and the command line.
     @classmethod
-    def VALIDATE_INPUTS(cls, fps=None, keyframe_tolerance=None, match_tolerance_ms=None, max_offset_ms=None,
-                        flow_max_side=None, keyframe_reference=None):
-        return _check_widgets(fps, keyframe_tolerance, match_tolerance_ms, max_offset_ms, flow_max_side,
-                              keyframe_reference)
+    def VALIDATE_INPUTS(cls, flow_max_side=None):
+        return _check_widgets(None, None, None, None, flow_max_side, None)
 
     def score(self, images, audio, fps=24.0, keyframe_reference="keyframe_peaks", keyframe_tolerance=1,
               match_tolerance_ms=0.0, max_offset_ms=MAX_OFFSET_S * 1000.0, flow_max_side=0, timeline=None,

@@ -109,8 +109,7 @@ def test_validate_inputs_keeps_comfyui_checks(node_id, cls):
 # widgets whose VALIDATE_INPUTS check says more than the schema (ComfyUI skips its own check for them)
 CUSTOM_CHECKED = {
     "AVSyncAudioLoader": {"audio_file"},                       # path inside the input folder, file exists
-    "AVSyncSyncScore": {"fps", "keyframe_tolerance", "match_tolerance_ms", "max_offset_ms", "flow_max_side",
-                        "keyframe_reference"},
+    "AVSyncSyncScore": {"flow_max_side"},                      # 0 or 16..8192
     "AVSyncKeyframeLocalizer": {"num_keyframes", "clip_frames"},
     "AVSyncKeyVIDGeneratorLoader": {"unet", "precision"},
     "AVSyncKeyVIDInterpolatorLoader": {"unet", "precision"},
