@@ -101,17 +101,19 @@ def _kernel(rnn: nn.RNNBase):
     return torch._VF.rnn_tanh if rnn.nonlinearity == "tanh" else torch._VF.rnn_relu
 
 
-def _direction_params(rnn: nn.RNNBase, reverse: bool) -> list[torch.Tensor]:
-    sfx = "_reverse" if reverse else ""
-    names = [f"weight_ih_l0{sfx}", f"weight_hh_l0{sfx}"] + ([f"bias_ih_l0{sfx}", f"bias_hh_l0{sfx}"] if rnn.bias else [])
+def _direction_params(rnn: nn.RNNBase, reverse: bool, layer: int = 0) -> list[torch.Tensor]:
+    sfx = f"_l{layer}" + ("_reverse" if reverse else "")
+    names = [f"weight_ih{sfx}", f"weight_hh{sfx}"] + ([f"bias_ih{sfx}", f"bias_hh{sfx}"] if rnn.bias else [])
     return [getattr(rnn, n) for n in names]
 
 
 def rnn_plan(rnn: nn.RNNBase, x: torch.Tensor, threads: int) -> list[tuple[bool, int, int]]:
     """The independent recurrences ``(reverse, first row, end row)`` :func:`run_rnn` runs
     at once for ``threads`` threads; empty when it calls ``rnn`` directly (one thread, not
-    CPU, autograd, or a layout it does not handle: only single-layer ``batch_first``)."""
-    if (threads < 2 or x.device.type != "cpu" or x.dim() != 3 or not rnn.batch_first or rnn.num_layers != 1
+    CPU, autograd, or a layout it does not handle: only ``batch_first``, and several layers
+    only without dropout between them or in eval mode)."""
+    if (threads < 2 or x.device.type != "cpu" or x.dim() != 3 or not rnn.batch_first
+            or (rnn.num_layers > 1 and rnn.dropout and rnn.training)
             or getattr(rnn, "proj_size", 0) or needs_autograd(rnn, x)):
         return []
     dirs = [False, True] if rnn.bidirectional else [False]
@@ -122,8 +124,8 @@ def rnn_plan(rnn: nn.RNNBase, x: torch.Tensor, threads: int) -> list[tuple[bool,
 
 
 def run_rnn(rnn: nn.RNNBase, x: torch.Tensor, threads: Optional[int] = None) -> torch.Tensor:
-    """``rnn(x)[0]`` for a single-layer ``batch_first`` GRU / LSTM / RNN from a zero state,
-    each direction (and, with more than two threads, slice of the batch) one
+    """``rnn(x)[0]`` for a ``batch_first`` GRU / LSTM / RNN from a zero state, layer by
+    layer, each direction (and, with more than two threads, slice of the batch) one
     single-threaded recurrence in its own thread. With two threads and a bidirectional
     layer the output is the same as ``rnn(x)[0]`` (each direction is the same kernel on
     the same rows, the reverse one on the time-flipped input as the bidirectional kernel
@@ -133,14 +135,16 @@ def run_rnn(rnn: nn.RNNBase, x: torch.Tensor, threads: Optional[int] = None) -> 
     if not plan:
         return rnn(x)[0]
     kernel, is_lstm, h = _kernel(rnn), isinstance(rnn, nn.LSTM), rnn.hidden_size
-    out = x.new_empty(x.shape[0], x.shape[1], h * (2 if rnn.bidirectional else 1))
+    for layer in range(rnn.num_layers):
+        out = x.new_empty(x.shape[0], x.shape[1], h * (2 if rnn.bidirectional else 1))
 
-    def one(reverse: bool, lo: int, hi: int) -> None:
-        xs = x[lo:hi].flip(1) if reverse else x[lo:hi]
-        h0 = xs.new_zeros(1, hi - lo, h)
-        y = kernel(xs, (h0, h0) if is_lstm else h0, _direction_params(rnn, reverse), rnn.bias, 1, 0.0, False, False,
-                   True)[0]
-        out[lo:hi, :, h if reverse else 0:(2 if reverse else 1) * h] = y.flip(1) if reverse else y
+        def one(reverse: bool, lo: int, hi: int, x=x, out=out, layer=layer) -> None:
+            xs = x[lo:hi].flip(1) if reverse else x[lo:hi]
+            h0 = xs.new_zeros(1, hi - lo, h)
+            y = kernel(xs, (h0, h0) if is_lstm else h0, _direction_params(rnn, reverse, layer), rnn.bias, 1, 0.0,
+                       False, False, True)[0]
+            out[lo:hi, :, h if reverse else 0:(2 if reverse else 1) * h] = y.flip(1) if reverse else y
 
-    run_in_threads([lambda task=task: one(*task) for task in plan])
-    return out
+        run_in_threads([lambda task=task: one(*task) for task in plan])
+        x = out
+    return x

@@ -10,11 +10,14 @@ from avsync.networks.bandit_v2 import BanditV2, BanditV2Config
 from avsync.networks.cpu_threads import rnn_plan, run_in_threads, run_items_in_threads, run_rnn
 
 
-@pytest.mark.parametrize("kind, bidirectional, threads", [("GRU", True, 2), ("LSTM", True, 2), ("RNN", True, 2),
-                                                          ("GRU", True, 4), ("GRU", False, 3)])
-def test_run_rnn_matches_the_plain_call(kind, bidirectional, threads):
+@pytest.mark.parametrize("kind, bidirectional, threads, layers",
+                         [("GRU", True, 2, 1), ("LSTM", True, 2, 1), ("RNN", True, 2, 1), ("GRU", True, 4, 1),
+                          ("GRU", False, 3, 1), ("GRU", True, 2, 2), ("LSTM", True, 4, 3)])
+def test_run_rnn_matches_the_plain_call(kind, bidirectional, threads, layers):
     torch.manual_seed(0)
-    rnn = getattr(nn, kind)(6, 5, batch_first=True, bidirectional=bidirectional).eval().requires_grad_(False)
+    # several layers: dropout between them is off in eval mode, so the layer-by-layer loop may run them
+    rnn = getattr(nn, kind)(6, 5, num_layers=layers, dropout=0.1 if layers > 1 else 0.0, batch_first=True,
+                            bidirectional=bidirectional).eval().requires_grad_(False)
     x = torch.randn(40, 17, 6)
     plan = rnn_plan(rnn, x, threads)
     # two directions, and with more threads slices of >= 16 rows (40 rows: at most 2 slices)
@@ -33,6 +36,9 @@ def test_run_rnn_falls_back_for_autograd_and_one_thread():
     x = torch.randn(2, 5, 4)
     assert rnn_plan(rnn, x, 2) == []              # parameters require grad
     assert rnn_plan(rnn.requires_grad_(False), x, 1) == []
+    stacked = nn.GRU(4, 3, num_layers=2, dropout=0.5, batch_first=True, bidirectional=True).requires_grad_(False)
+    assert rnn_plan(stacked, x, 2) == []          # training mode: dropout between the layers
+    assert len(rnn_plan(stacked.eval(), x, 2)) == 2
     y = run_rnn(rnn.requires_grad_(True), x, threads=2)
     y.sum().backward()
     assert rnn.weight_hh_l0_reverse.grad is not None
