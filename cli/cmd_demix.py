@@ -37,8 +37,10 @@ def register(sub) -> None:
 
 def demix_method(chosen: str, model_name: str | None) -> str:
     """What runs for the demixer's ``method`` choice and a model file (or None): ``"model"``,
-    ``"bandit_v2"`` or ``"dsp"`` (``auto`` uses the model when one is given, as the node does
-    when one is connected)."""
+    ``"bandit_v2"``, ``"learned"`` or ``"dsp"`` (``auto`` uses the model when one is given, as
+    the node does when one is connected)."""
+    if chosen == "learned":
+        return chosen
     use_model = chosen in ("model", "bandit_v2") or (chosen == "auto" and bool(model_name))
     return (chosen if chosen == "bandit_v2" else "model") if use_model else "dsp"
 
@@ -48,7 +50,7 @@ def demix_model_for(method: str, model_name: str | None, flag: str = "--model"):
     it; ``flag`` names the option in errors (``avsync mtv`` has ``--demix-model``)."""
     from ..core.errors import InputError
 
-    if method == "dsp":
+    if method in ("dsp", "learned"):
         return None
     model = _model(model_name, method)
     if method == "bandit_v2" and model.family != "bandit_v2":

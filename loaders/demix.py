@@ -202,3 +202,42 @@ def load_demix_model(path: str | Path) -> DemixModel:
     managed = compat.manage_model(net, {"file": str(path), "family": family, "config": cfg.to_dict()})
     return DemixModel(family=family, managed=managed, sample_rate=cfg.sample_rate,
                       source_names=tuple(cfg.source_names), min_length=net.min_length, name=path.name)
+
+
+# ----------------------------------------------------------------------------------------
+# The network of the Demixer's `learned` method (ours, shipped in the repository)
+# ----------------------------------------------------------------------------------------
+
+SMALL_DEMIXER_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "small_demixer.safetensors"
+_SMALL_DEMIXERS: dict = {}
+
+
+def load_small_demixer(path: str | Path = SMALL_DEMIXER_WEIGHTS):
+    """The :class:`~avsync.networks.small_demixer.SmallDemixer` of ``path`` (default: the
+    file shipped in ``weights/``), built once per path and process (it is 4.6 MB, so it
+    stays on the CPU outside ComfyUI's model management)."""
+    from ..networks.small_demixer import SmallDemixer, SmallDemixerConfig
+
+    path = Path(path)
+    key = str(path.resolve())
+    if key not in _SMALL_DEMIXERS:
+        checked = open_checked(path, what="the network of the Demixer's learned method "
+                                          "(weights/small_demixer.safetensors, shipped with AVSync)",
+                               required_prefixes=("inp.", "rnn.", "out."),
+                               family_hint="restore it from the repository, or retrain it with "
+                                           "tools/train_small_demixer.py")
+        meta = checked.metadata or {}
+        if meta.get("avsync_family", "small_demixer") != "small_demixer":
+            raise ModelFormatError(f"{path}: is a {meta['avsync_family']} file, not the learned demixer")
+        try:
+            config = SmallDemixerConfig(**json.loads(meta.get("avsync_config", "{}")))
+        except (TypeError, ValueError) as err:
+            raise ModelFormatError(f"{path}: unreadable avsync_config metadata ({err})") from None
+        net = SmallDemixer(config)
+        try:
+            _load_strict(net, {k: checked[k].float() for k in checked}, path)
+        except RuntimeError as err:   # a tensor of another shape
+            raise ModelFormatError(f"{path}: does not match the SmallDemixer layout of its config "
+                                   f"({str(err).strip().splitlines()[-1][:200]})") from None
+        _SMALL_DEMIXERS[key] = net.eval().requires_grad_(False)
+    return _SMALL_DEMIXERS[key]

@@ -11,7 +11,7 @@ from ..core.audio import check_audio, make_audio
 from ..core.errors import InputError
 from .sockets import AUDIO, DEMIX_MODEL
 
-METHODS = ("auto", "dsp", "model", "bandit_v2")   # samplers/demix.py:METHODS
+METHODS = ("auto", "dsp", "model", "bandit_v2", "learned")   # samplers/demix.py:METHODS
 MODEL_FAMILY_METHODS = ("bandit_v2",)              # methods that also name the connected model's family
 MAX_CHUNK_SECONDS = 600.0
 LONG_INPUT_SECONDS = 600.0   # from this length on the node states its memory need before it starts
@@ -78,7 +78,8 @@ class AVSyncDemixer:
                            "connected model, which must be a BandIt v2 model (an error otherwise); it runs with "
                            "BandIt's own chunking (8 s chunks on a 1 s hop, Hann-weighted), so chunk_seconds and "
                            "overlap do not apply. A BandIt v2 model runs with its own chunking under auto and "
-                           "model too."}),
+                           "model too. learned: a small network shipped with AVSync (4.6 MB, no download) that "
+                           "refines dsp; trained by us on Debian-packaged recordings; runs on the CPU."}),
                 "chunk_seconds": ("FLOAT", {"default": 20.0, "min": 1.0, "max": MAX_CHUNK_SECONDS, "step": 0.5,
                                   "tooltip": "Audio is processed in chunks of this length so long files use "
                                              "bounded memory; longer chunks give a model more context."}),
@@ -119,7 +120,7 @@ class AVSyncDemixer:
         if msg is not True:
             raise InputError(msg.split(":")[0], msg.split(": ", 1)[1])
         use_model = method in ("model",) + MODEL_FAMILY_METHODS or (method == "auto" and demix_model is not None)
-        kind, chunk = "dsp", chunk_seconds
+        kind, chunk = ("learned" if method == "learned" else "dsp"), chunk_seconds
         if use_model:
             own = getattr(demix_model, "chunking", None)     # a family with its own chunker (BandIt v2)
             kind, chunk = ("model", chunk_seconds) if own is None else (demix_model.family, own["chunk_seconds"])

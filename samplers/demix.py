@@ -16,7 +16,7 @@ from ..core.loudness import LoudnessMeter, integrated_loudness
 from .bandit_chunking import bandit_overlap_add_stream, run_bandit_overlap_add
 from .chunking import overlap_add_stream, run_overlap_add
 
-METHODS = ("auto", "dsp", "model", "bandit_v2")
+METHODS = ("auto", "dsp", "model", "bandit_v2", "learned")
 MODEL_FAMILIES = ("bandit_v2",)           # methods that name the family of the connected model
 MODEL_METHODS = ("model",) + MODEL_FAMILIES
 # BandIt v2 at the released size: 734 and 792 MB of working memory above the loaded model for one 8 s
@@ -24,20 +24,25 @@ MODEL_METHODS = ("model",) + MODEL_FAMILIES
 # stereo chunk, its two channels in parallel threads: 1038-1129 MB = up to 1470 B per sample and channel);
 # rounded up. It was 576 MB when the two directions of each GRU ran one after the other.
 BANDIT_CHUNK_BYTES_PER_SAMPLE = 2200
+# The learned method (dsp, then the network on dsp's stems): 187 MB and 342 MB above the loaded network
+# for 10 s and 20 s chunks of 44.1 kHz stereo (222 and 203 B per sample and channel: dsp's working set,
+# three more STFTs for the guide, grid features, GRU states, masks, stems); rounded up.
+LEARNED_CHUNK_BYTES_PER_SAMPLE = 260
 REFERENCE_LUFS = -27.0   # the reference separate.py brings input to DnR's average loudness
 # Peak working memory of one dsp chunk per input sample and channel (STFT, magnitudes,
 # masks, three stems): measured with bench/bench_demix.py, ~184 MB for 20 s of 44.1 kHz
 # stereo = 104 B; rounded up. The MRX networks need more per chunk (three STFTs, BLSTM
 # states), so a model chunk counts three times as much. BandIt v2 runs at 48 kHz whatever
 # the input rate, so its figure is per sample at 48 kHz of its fixed 8 s chunk.
-CHUNK_BYTES_PER_SAMPLE = {"dsp": 120, "model": 360, "bandit_v2": BANDIT_CHUNK_BYTES_PER_SAMPLE}
+CHUNK_BYTES_PER_SAMPLE = {"dsp": 120, "model": 360, "bandit_v2": BANDIT_CHUNK_BYTES_PER_SAMPLE,
+                          "learned": LEARNED_CHUNK_BYTES_PER_SAMPLE}
 
 
 def memory_need(channels: int, samples: int, sample_rate: int, chunk_seconds: float, method: str,
                 clips: int = 1) -> dict:
     """Bytes the node needs beyond its input for ``clips`` clips of ``[channels, samples]``:
     the three full-length float32 stems it returns and one chunk's working set.
-    ``method``: ``dsp``, ``model`` (MRX) or ``bandit_v2`` (``chunk_seconds`` its own 8 s)."""
+    ``method``: ``dsp``, ``learned``, ``model`` (MRX) or ``bandit_v2`` (``chunk_seconds`` its own 8 s)."""
     kind = method if method in CHUNK_BYTES_PER_SAMPLE else "model"
     rate = 48000 if kind == "bandit_v2" else sample_rate
     chunk = int(round(chunk_seconds * rate)) if kind == "bandit_v2" else min(samples, int(round(chunk_seconds * rate)))
@@ -117,9 +122,27 @@ def _chunk_processor(method: str, model, sample_rate: int, gain: Callable[[], fl
         g = gain() if getattr(model, "loudness_normalize", True) else 1.0
         return model_chunk_processor(model, sample_rate, g), f"demix ({model.family})", True
 
+    if method == "learned":
+        return learned_chunk_processor(sample_rate), "demix (learned)", False
+
     def process(c: torch.Tensor) -> torch.Tensor:
         return demix_dsp(c, sample_rate)
     return process, "demix (dsp)", False
+
+
+def learned_chunk_processor(sample_rate: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``[C, L]`` → ``[3, C, L]`` through the shipped network of the ``learned`` method
+    (:mod:`avsync.networks.small_demixer`; on the CPU: it is small, and its GRU runs
+    each direction on its own thread, :mod:`avsync.networks.cpu_threads`)."""
+    from ..loaders.demix import load_small_demixer
+    from ..networks.small_demixer import separate
+
+    net = load_small_demixer()
+
+    def process(chunk: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return separate(net, chunk.cpu(), sample_rate)
+    return process
 
 
 def _chunk_sizes(sample_rate: int, chunk_seconds: float, overlap: float) -> tuple[int, int]:
