@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..core.stft import hann, istft, stft
+from .cpu_threads import run_rnn
 
 SOURCE_NAMES = ("music", "speech", "sfx")
 SAMPLE_RATE = 44100
@@ -97,7 +98,8 @@ class _CrossNet(nn.Module):
             mkldnn = torch.backends.mkldnn.flags(enabled=torch.backends.mkldnn.enabled and not small)
             mkldnn.__enter__()
         try:
-            cross_out = torch.stack([lstm(cross_in)[0] for lstm in self.lstm]).mean(0)
+            # each LSTM direction single-threaded in its own thread at inference (cpu_threads.run_rnn)
+            cross_out = torch.stack([run_rnn(lstm, cross_in) for lstm in self.lstm]).mean(0)
         finally:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
