@@ -2,8 +2,8 @@
 
 1. Real-time factor (seconds of audio per second of wall time; higher is faster) of
    each method on 44.1 kHz stereo, with torch limited to 2 threads:
-   ``dsp``, and MRX at the released size (random weights: speed does not depend on
-   them). The goal for dsp is >= 20x.
+   ``dsp``, ``learned`` (the shipped network), and MRX at the released size (random
+   weights: speed does not depend on them). The goal for dsp is >= 20x.
 2. Peak anonymous resident memory (heap and tensors, sampled every 2 ms) against
    input length, each run in a fresh process, above the level after one chunk's work:
    chunked with a streaming sink (what ``avsync demix`` could do for any length),
@@ -70,11 +70,12 @@ def rtf(method: str, seconds: float, repeats: int = 3) -> float:
 
         net = MRX().eval().requires_grad_(False)
         model = DemixModel("mrx", compat.manage_model(net), 44100, ("music", "speech", "sfx"), net.min_length, "bench")
-    demix(x[:, :44100], 44100, "dsp" if model is None else "model", model)  # warm-up
+    run = "model" if model is not None else method
+    demix(x[:, :44100], 44100, run, model)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        demix(x, 44100, "dsp" if model is None else "model", model, chunk_seconds=20.0)
+        demix(x, 44100, run, model, chunk_seconds=20.0)
         best = min(best, time.perf_counter() - t0)
     return seconds / best
 
@@ -219,6 +220,35 @@ def bandit_compare_table(seconds: float) -> None:
         ratio=ratio, vs="intra-op threads per op (before)")
 
 
+def mrx_compare_table(seconds: float) -> None:
+    """MRX at the released size on ``seconds`` of 44.1 kHz stereo (random weights), its
+    BLSTMs called directly (before) and through networks/cpu_threads.run_rnn (now: each
+    direction single-threaded in its own thread), in the same process."""
+    import torch
+
+    import avsync.networks.mrx as mrx
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    net = mrx.MRX().eval().requires_grad_(False)
+    x = torch.randn(1, 2, int(seconds * 44100)) * 0.1
+    threaded, times, ys = mrx.run_rnn, {}, {}
+    with torch.inference_mode():
+        net(x[..., :44100])   # warm-up
+        for name, fn in (("before", lambda rnn, z: rnn(z)[0]), ("after", threaded)):
+            mrx.run_rnn = fn
+            t0 = time.perf_counter()
+            ys[name] = net(x)
+            times[name] = time.perf_counter() - t0
+    mrx.run_rnn = threaded
+    diff = float((ys["before"] - ys["after"]).abs().max())
+    print(f"MRX, released size, {seconds:g} s 44.1 kHz stereo, 2 threads, same process: before "
+          f"{times['before']:.1f} s, after {times['after']:.1f} s ({times['before'] / times['after']:.2f}x); "
+          f"outputs differ by at most {diff:.1e}")
+    row(f"demix mrx (released size), {seconds:g} s, BLSTM directions in threads", seconds / times["after"],
+        "x real time", ratio=times["before"] / times["after"], vs="BLSTM called directly (before)")
+
+
 def bandit_file_table(seconds: float) -> None:
     r = _run_child("--bandit-file-child", str(seconds))
     rtf = seconds / r["seconds"]
@@ -347,6 +377,8 @@ def main() -> None:
                    help="only BandIt v2 before / after the threading change, on two items of SECONDS (e.g. 2)")
     p.add_argument("--bandit-file", type=float, metavar="SECONDS",
                    help="only BandIt v2 over a whole stereo input of SECONDS through its chunker (10 s: 17 stereo chunks)")
+    p.add_argument("--mrx-compare", type=float, metavar="SECONDS",
+                   help="only MRX (released size) with its BLSTMs called directly vs. per direction in threads")
     p.add_argument("--bandit-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--bandit-compare-child", type=float, help=argparse.SUPPRESS)
     p.add_argument("--bandit-file-child", type=float, help=argparse.SUPPRESS)
@@ -360,7 +392,8 @@ def main() -> None:
                 (args.bandit_file_child, lambda: _bandit_file_child(args.bandit_file_child))]
     tables = [(args.cli_only, cli_table), (args.bandit, bandit_table),
               (args.bandit_compare, lambda: bandit_compare_table(args.bandit_compare)),
-              (args.bandit_file, lambda: bandit_file_table(args.bandit_file))]
+              (args.bandit_file, lambda: bandit_file_table(args.bandit_file)),
+              (args.mrx_compare, lambda: mrx_compare_table(args.mrx_compare))]
     for i, (wanted, part) in enumerate(children + tables):
         if i == len(children):
             sys.path.insert(0, str(ROOT))
@@ -372,6 +405,9 @@ def main() -> None:
     r = rtf("dsp", seconds)
     print(f"  dsp          {r:8.1f}x real time   (goal >= 20x: {'met' if r >= 20 else 'NOT met'})")
     row(f"demix dsp, {seconds:g} s 44.1 kHz stereo", r, "x real time")
+    r_learned = rtf("learned", seconds)
+    print(f"  learned      {r_learned:8.1f}x real time   (dsp, then the shipped 1.15 M-parameter network)")
+    row(f"demix learned, {seconds:g} s 44.1 kHz stereo", r_learned, "x real time", ratio=r_learned / r, vs="dsp")
     if not args.quick:
         r_mrx = rtf("mrx", 10.0, repeats=1)
         print(f"  mrx (512x3)  {r_mrx:8.2f}x real time   (dsp is {r / r_mrx:.0f}x faster)")

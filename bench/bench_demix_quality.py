@@ -9,10 +9,13 @@ never tuned on) and each format it prints, averaged over the mixtures:
   stem, and the improvement (SI-SDRi);
 - precision@3 and AP@3 (recall within 3 frames at 24 fps) of the onset peaks that the
   KeyframeLocalizer's ``onset`` method finds, against the true effect events, for the
-  mixture, the estimated effects stem and the true effects stem (the oracle).
+  mixture, the estimated effects stem and the true effects stem (the oracle);
+- the effects stem's precision@3 at the mixture's AP@3: its onset peak height is swept
+  and the highest height that reaches the mixture's AP@3 is chosen on the tune part,
+  then used unchanged on the held-out part.
 
-Numbers are printed, not asserted. ``--model FILE`` also scores a converted demix
-model (e.g. MRX) next to ``dsp``. ``--alone`` also feeds each true stem alone and
+Numbers are printed, not asserted. ``--methods`` picks among ``dsp`` and ``learned``
+(default both); ``--model FILE`` also scores a converted demix model (e.g. MRX). ``--alone`` also feeds each true stem alone and
 prints where its energy goes (e.g. how much of an effects track alone lands in the
 effects stem).
 """
@@ -41,7 +44,7 @@ def _methods(args):
 
     from avsync.samplers.demix import demix
 
-    methods = {"dsp": lambda x, sr: demix(torch.from_numpy(x), sr, "dsp").numpy()}
+    methods = {m: (lambda x, sr, m=m: demix(torch.from_numpy(x), sr, m).numpy()) for m in args.methods}
     if args.model:
         from avsync.loaders.demix import load_demix_model
 
@@ -90,9 +93,32 @@ def report(rows: list, title: str) -> None:
         print(f"  {case:18} " + " / ".join(f"{np.mean([r[f'{c}_imp'] for r in rs]):+5.1f}" for c in COLUMNS))
 
 
+def equal_ap_height(rows: list) -> float:
+    """The highest of ``E.SWEEP_HEIGHTS`` at which the effects stem's mean AP@3 is at least the
+    mixture's (at ``E.ONSET_HEIGHT``): the operating point for comparing precision at equal
+    AP@3. Chosen on the tune part only; the lowest height when none reaches it."""
+    target = np.mean([r["ap3_mix"] for r in rows])
+    ok = [h for h in E.SWEEP_HEIGHTS if np.mean([r[f"ap3_fx@{h:g}"] for r in rows]) >= target - 1e-9]
+    return max(ok) if ok else min(E.SWEEP_HEIGHTS)
+
+
+def equal_ap_report(rows: list, height, title: str) -> None:
+    if height is None:
+        print("  (precision at equal AP@3 needs the tune part's choice of peak height: run with --part both)")
+        return
+    p_mix, ap_mix = np.mean([r["p3_mix"] for r in rows]), np.mean([r["ap3_mix"] for r in rows])
+    p_fx, ap_fx = (np.mean([r[f"{k}_fx@{height:g}"] for r in rows]) for k in ("p3", "ap3"))
+    print(f"  at equal AP@3 (effects-stem peaks above {height:g}, the height chosen on the tune part): "
+          f"effects stem {p_fx:.2f} / {ap_fx:.2f} vs mix {p_mix:.2f} / {ap_mix:.2f} (precision x{p_fx / p_mix:.2f})")
+    row(f"{title}: onset precision@3 from the effects stem at the mix's AP@3 (peaks > {height:g})", p_fx,
+        "precision", ratio=p_fx / max(p_mix, 1e-9), vs=f"from the mix (AP@3 {ap_fx:.2f} vs {ap_mix:.2f})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="demixer quality on the real-audio evaluation set")
     p.add_argument("--part", choices=("tune", "heldout", "both"), default="both")
+    p.add_argument("--methods", nargs="+", choices=("dsp", "learned"), default=["dsp", "learned"],
+                   help="weights-free / shipped methods to score (default: both)")
     p.add_argument("--model", default=None, help="also score this converted demix model (.safetensors)")
     p.add_argument("--alone", action="store_true", help="also: where the energy of each true stem fed alone goes")
     args = p.parse_args()
@@ -106,6 +132,7 @@ def main() -> None:
                  "\ninstall: apt-get install --no-install-recommends " + " ".join(E.PACKAGES))
     methods = _methods(args)
     parts = ("tune", "heldout") if args.part == "both" else (args.part,)
+    heights: dict = {}   # per method: the effects stem's onset peak height with the mixture's AP@3 (tune part)
     for part in parts:
         rows = defaultdict(list)
         seconds = defaultdict(float)
@@ -116,7 +143,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 est = run(mix["mixture"], recipe["sample_rate"])
                 seconds[name] += time.perf_counter() - t0
-                assert np.abs(est.sum(0) - mix["mixture"]).max() < 1e-4 or name != "dsp"
+                assert np.abs(est.sum(0) - mix["mixture"]).max() < 1e-4 or name not in ("dsp", "learned")
                 row = {"format": _fmt(recipe), "case": recipe["case"], **E.score(mix, est)}
                 if args.alone:
                     for i, stem in enumerate(COLUMNS):
@@ -130,6 +157,9 @@ def main() -> None:
                 for stem in COLUMNS:
                     share = np.mean([r[f"alone_{stem}"] for r in rows[name]], axis=0)
                     print(f"  {stem:18} " + " / ".join(f"{v:.2f}" for v in share))
+            if part == "tune":
+                heights[name] = equal_ap_height(rows[name])
+            equal_ap_report(rows[name], heights.get(name), f"{part}: {name}")
 
 
 if __name__ == "__main__":

@@ -350,11 +350,16 @@ def build(cache: Path = DEFAULT_CACHE, manifest: Optional[dict] = None) -> Path:
 
 ONSET_HEIGHT = 0.2   # peaks of the KeyframeLocalizer's onset curve above this, >= 3 frames apart
 TOLERANCE = 3        # frames, for precision@3 / AP@3
+# peak heights swept for the effects stem, to compare its precision with the mixture's at equal AP@3
+# (the height that gives the effects stem the mixture's AP@3 is chosen on the tune part)
+SWEEP_HEIGHTS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 
 
-def onset_frames(waveform: np.ndarray, sample_rate: int) -> list[int]:
-    """Event frames (24 fps) as the KeyframeLocalizer's ``onset`` method sees them: peaks
-    of ``core.onset.onset_curve`` above ``ONSET_HEIGHT``, at least 3 frames apart."""
+def onset_peaks(waveform: np.ndarray, sample_rate: int, height: float = ONSET_HEIGHT) -> tuple[list, list]:
+    """``(frames, heights)`` of the peaks of ``core.onset.onset_curve`` (24 fps) above
+    ``height``, at least 3 frames apart. scipy drops the smaller of two close peaks, so a
+    lower ``height`` never removes a higher peak: the peaks at or above ``h >= height``
+    are those that ``onset_peaks(..., h)`` finds."""
     import torch
     from scipy.signal import find_peaks
 
@@ -363,14 +368,22 @@ def onset_frames(waveform: np.ndarray, sample_rate: int) -> list[int]:
 
     x = torch.as_tensor(np.asarray(waveform), dtype=torch.float32)
     curve = onset_curve(x, Timeline(FPS, sample_rate, x.shape[-1]))
-    peaks, _ = find_peaks(curve, height=ONSET_HEIGHT, distance=3)
-    return [int(p) for p in peaks]
+    peaks, props = find_peaks(curve, height=height, distance=3)
+    return [int(p) for p in peaks], [float(h) for h in props["peak_heights"]]
+
+
+def onset_frames(waveform: np.ndarray, sample_rate: int) -> list[int]:
+    """Event frames (24 fps) as the KeyframeLocalizer's ``onset`` method sees them: peaks
+    of ``core.onset.onset_curve`` above ``ONSET_HEIGHT``, at least 3 frames apart."""
+    return onset_peaks(waveform, sample_rate)[0]
 
 
 def score(mix: dict, estimate: np.ndarray) -> dict:
     """SI-SDR of the mixture and of ``estimate`` (``[3, C, T]`` in STEMS order) against each
     true stem, and onset precision@3 / recall (AP@3) against the true events for the
-    mixture, the estimated effects stem and the true effects stem (the oracle)."""
+    mixture, the estimated effects stem and the true effects stem (the oracle), at
+    ``ONSET_HEIGHT``; for the effects stem also at each of ``SWEEP_HEIGHTS``
+    (``p3_fx@h`` / ``ap3_fx@h``)."""
     from avsync.core.metrics import match_rate, precision_rate, si_sdr
 
     out: dict = {}
@@ -381,9 +394,13 @@ def score(mix: dict, estimate: np.ndarray) -> dict:
         out[f"{stem}_imp"] = out[f"{stem}_est"] - out[f"{stem}_mix"]
     truth = mix["event_frames"]
     for name, wav in (("mix", mix["mixture"]), ("fx", estimate[1]), ("oracle", mix["effects"])):
-        pred = onset_frames(wav, mix["sample_rate"])
-        out[f"p3_{name}"] = precision_rate(truth, pred, TOLERANCE)
-        out[f"ap3_{name}"] = match_rate(truth, pred, TOLERANCE)
+        frames, heights = onset_peaks(wav, mix["sample_rate"], min(SWEEP_HEIGHTS))
+        for h in sorted({ONSET_HEIGHT, *(SWEEP_HEIGHTS if name == "fx" else ())}):
+            pred = [f for f, v in zip(frames, heights) if v >= h]
+            keys = ([name] if h == ONSET_HEIGHT else []) + ([f"fx@{h:g}"] if name == "fx" else [])
+            for key in keys:
+                out[f"p3_{key}"] = precision_rate(truth, pred, TOLERANCE)
+                out[f"ap3_{key}"] = match_rate(truth, pred, TOLERANCE)
     return out
 
 

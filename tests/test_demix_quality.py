@@ -109,3 +109,24 @@ def test_installed_sources_match_the_manifest_and_rebuild():
         assert np.abs(mix["speech"] + mix["effects"] + mix["music"] - mix["mixture"]).max() == 0.0
         assert len(mix["event_frames"]) == len(recipe["effects"]) and all(0 <= f < 240 for f in mix["event_frames"])
     assert set(first) == {"heldout"}
+
+
+def test_onset_sweep_and_the_equal_ap_operating_point():
+    """Peaks above a higher height are a subset of those above a lower one (so AP@3 falls as the
+    height rises), the sweep at ONSET_HEIGHT is the plain score, and the operating point is the
+    highest swept height whose mean AP@3 reaches the mixture's."""
+    import bench.bench_demix_quality as Q
+
+    sr = 16000
+    mix = E.build_mixture(_recipe(sr, 1), _fake_cache(sr))
+    est = np.stack([mix["speech"], mix["effects"] + 0.3 * mix["music"], mix["music"]])
+    r = E.score(mix, est)
+    aps = [r[f"ap3_fx@{h:g}"] for h in E.SWEEP_HEIGHTS]
+    assert aps == sorted(aps, reverse=True)
+    assert (r[f"p3_fx@{E.ONSET_HEIGHT:g}"], r[f"ap3_fx@{E.ONSET_HEIGHT:g}"]) == (r["p3_fx"], r["ap3_fx"])
+    frames, heights = E.onset_peaks(est[1], sr, 0.05)
+    assert set(E.onset_peaks(est[1], sr, 0.3)[0]) == {f for f, h in zip(frames, heights) if h >= 0.3}
+    rows = [{"ap3_mix": 0.8, **{f"ap3_fx@{h:g}": 1.0 - h for h in E.SWEEP_HEIGHTS}},
+            {"ap3_mix": 0.6, **{f"ap3_fx@{h:g}": 0.9 - h for h in E.SWEEP_HEIGHTS}}]
+    assert Q.equal_ap_height(rows) == 0.25        # mean AP 0.95 - h >= 0.7
+    assert Q.equal_ap_height([{**rows[0], "ap3_mix": 1.0}]) == min(E.SWEEP_HEIGHTS)
