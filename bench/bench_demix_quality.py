@@ -93,25 +93,30 @@ def report(rows: list, title: str) -> None:
         print(f"  {case:18} " + " / ".join(f"{np.mean([r[f'{c}_imp'] for r in rs]):+5.1f}" for c in COLUMNS))
 
 
-def equal_ap_height(rows: list) -> float:
-    """The highest of ``E.SWEEP_HEIGHTS`` at which the effects stem's mean AP@3 is at least the
-    mixture's (at ``E.ONSET_HEIGHT``): the operating point for comparing precision at equal
-    AP@3. Chosen on the tune part only; the lowest height when none reaches it."""
+def equal_ap_height(rows: list, stem: str = "fx") -> float:
+    """The highest of ``E.SWEEP_HEIGHTS`` at which the mean AP@3 of ``stem`` (``fx``: the
+    estimated effects stem; ``oracle``: the true one) is at least the mixture's (at
+    ``E.ONSET_HEIGHT``): the operating point for comparing precision at equal AP@3. Chosen
+    on the tune part only; the lowest height when none reaches it."""
     target = np.mean([r["ap3_mix"] for r in rows])
-    ok = [h for h in E.SWEEP_HEIGHTS if np.mean([r[f"ap3_fx@{h:g}"] for r in rows]) >= target - 1e-9]
+    ok = [h for h in E.SWEEP_HEIGHTS if np.mean([r[f"ap3_{stem}@{h:g}"] for r in rows]) >= target - 1e-9]
     return max(ok) if ok else min(E.SWEEP_HEIGHTS)
 
 
-def equal_ap_report(rows: list, height, title: str) -> None:
-    if height is None:
+def equal_ap_report(rows: list, heights, title: str) -> None:
+    """``heights``: ``{"fx": h, "oracle": h}`` chosen on the tune part (None: not run)."""
+    if heights is None:
         print("  (precision at equal AP@3 needs the tune part's choice of peak height: run with --part both)")
         return
     p_mix, ap_mix = np.mean([r["p3_mix"] for r in rows]), np.mean([r["ap3_mix"] for r in rows])
-    p_fx, ap_fx = (np.mean([r[f"{k}_fx@{height:g}"] for r in rows]) for k in ("p3", "ap3"))
-    print(f"  at equal AP@3 (effects-stem peaks above {height:g}, the height chosen on the tune part): "
-          f"effects stem {p_fx:.2f} / {ap_fx:.2f} vs mix {p_mix:.2f} / {ap_mix:.2f} (precision x{p_fx / p_mix:.2f})")
-    row(f"{title}: onset precision@3 from the effects stem at the mix's AP@3 (peaks > {height:g})", p_fx,
-        "precision", ratio=p_fx / max(p_mix, 1e-9), vs=f"from the mix (AP@3 {ap_fx:.2f} vs {ap_mix:.2f})")
+    for stem, what in (("fx", "effects stem"), ("oracle", "true effects stem (oracle)")):
+        h = heights[stem]
+        p, ap = (np.mean([r[f"{k}_{stem}@{h:g}"] for r in rows]) for k in ("p3", "ap3"))
+        print(f"  at equal AP@3, {what} (peaks above {h:g}, chosen on the tune part): {p:.2f} / {ap:.2f} vs mix "
+              f"{p_mix:.2f} / {ap_mix:.2f} (precision x{p / p_mix:.2f})")
+        if stem == "fx":
+            row(f"{title}: onset precision@3 from the effects stem at the mix's AP@3 (peaks > {h:g})", p,
+                "precision", ratio=p / max(p_mix, 1e-9), vs=f"from the mix (AP@3 {ap:.2f} vs {ap_mix:.2f})")
 
 
 def main() -> None:
@@ -158,7 +163,7 @@ def main() -> None:
                     share = np.mean([r[f"alone_{stem}"] for r in rows[name]], axis=0)
                     print(f"  {stem:18} " + " / ".join(f"{v:.2f}" for v in share))
             if part == "tune":
-                heights[name] = equal_ap_height(rows[name])
+                heights[name] = {stem: equal_ap_height(rows[name], stem) for stem in ("fx", "oracle")}
             equal_ap_report(rows[name], heights.get(name), f"{part}: {name}")
 
 

@@ -382,8 +382,8 @@ def score(mix: dict, estimate: np.ndarray) -> dict:
     """SI-SDR of the mixture and of ``estimate`` (``[3, C, T]`` in STEMS order) against each
     true stem, and onset precision@3 / recall (AP@3) against the true events for the
     mixture, the estimated effects stem and the true effects stem (the oracle), at
-    ``ONSET_HEIGHT``; for the effects stem also at each of ``SWEEP_HEIGHTS``
-    (``p3_fx@h`` / ``ap3_fx@h``)."""
+    ``ONSET_HEIGHT``; for the effects stem and the oracle also at each of ``SWEEP_HEIGHTS``
+    (``p3_fx@h`` / ``ap3_fx@h``, ``p3_oracle@h`` / ``ap3_oracle@h``)."""
     from avsync.core.metrics import match_rate, precision_rate, si_sdr
 
     out: dict = {}
@@ -395,9 +395,9 @@ def score(mix: dict, estimate: np.ndarray) -> dict:
     truth = mix["event_frames"]
     for name, wav in (("mix", mix["mixture"]), ("fx", estimate[1]), ("oracle", mix["effects"])):
         frames, heights = onset_peaks(wav, mix["sample_rate"], min(SWEEP_HEIGHTS))
-        for h in sorted({ONSET_HEIGHT, *(SWEEP_HEIGHTS if name == "fx" else ())}):
+        for h in sorted({ONSET_HEIGHT, *(SWEEP_HEIGHTS if name != "mix" else ())}):
             pred = [f for f, v in zip(frames, heights) if v >= h]
-            keys = ([name] if h == ONSET_HEIGHT else []) + ([f"fx@{h:g}"] if name == "fx" else [])
+            keys = ([name] if h == ONSET_HEIGHT else []) + ([f"{name}@{h:g}"] if name != "mix" else [])
             for key in keys:
                 out[f"p3_{key}"] = precision_rate(truth, pred, TOLERANCE)
                 out[f"ap3_{key}"] = match_rate(truth, pred, TOLERANCE)

@@ -123,6 +123,8 @@ def test_onset_sweep_and_the_equal_ap_operating_point():
     r = E.score(mix, est)
     aps = [r[f"ap3_fx@{h:g}"] for h in E.SWEEP_HEIGHTS]
     assert aps == sorted(aps, reverse=True)
+    oracle = [r[f"ap3_oracle@{h:g}"] for h in E.SWEEP_HEIGHTS]
+    assert oracle == sorted(oracle, reverse=True) and r[f"p3_oracle@{E.ONSET_HEIGHT:g}"] == r["p3_oracle"]
     assert (r[f"p3_fx@{E.ONSET_HEIGHT:g}"], r[f"ap3_fx@{E.ONSET_HEIGHT:g}"]) == (r["p3_fx"], r["ap3_fx"])
     frames, heights = E.onset_peaks(est[1], sr, 0.05)
     assert set(E.onset_peaks(est[1], sr, 0.3)[0]) == {f for f, h in zip(frames, heights) if h >= 0.3}
@@ -130,3 +132,5 @@ def test_onset_sweep_and_the_equal_ap_operating_point():
             {"ap3_mix": 0.6, **{f"ap3_fx@{h:g}": 0.9 - h for h in E.SWEEP_HEIGHTS}}]
     assert Q.equal_ap_height(rows) == 0.25        # mean AP 0.95 - h >= 0.7
     assert Q.equal_ap_height([{**rows[0], "ap3_mix": 1.0}]) == min(E.SWEEP_HEIGHTS)
+    oracle_rows = [{"ap3_mix": 0.7, **{f"ap3_oracle@{h:g}": 1.0 - h for h in E.SWEEP_HEIGHTS}}]
+    assert Q.equal_ap_height(oracle_rows, "oracle") == 0.3
