@@ -15,10 +15,16 @@ within +-0.6 in stereo; left out one time in twenty), a music excerpt (-26 dBFS 
 per stem, ``10 log10((|s - s_hat|^2 + 1e-3 |s|^2 + f) / (|s|^2 + f))`` with ``f`` 40 dB
 under the mixture's energy: minus the SDR, capped at 30 dB, and for an absent stem up to
 +40 dB for leaking the whole mixture into it; averaged. Adam, cosine
-learning rate from 1e-3, gradient norm clipped at 5, seed 0, two CPU threads.
+learning rate from 1e-3, gradient norm clipped at 5, seed 0, two CPU threads. The shipped
+network: the first 1000 steps of a 3200-step schedule without the dsp guide, then 2400
+steps with it (``--dsp-guide --init``: the guide's input weights start at zero, so the
+network starts out as it was).
 
     apt-get install --no-install-recommends hedgewars-data asterisk-core-sounds-en-g722 sound-theme-freedesktop
-    python tools/train_small_demixer.py --steps 4500 --out weights/small_demixer.safetensors
+    # the shipped weights, in two stages (about 15 + 55 minutes on 2 cores):
+    python tools/train_small_demixer.py --steps 3200 --stop-after 1000 --out stage1.safetensors
+    python tools/train_small_demixer.py --dsp-guide --init stage1.safetensors --steps 2400 \
+        --out weights/small_demixer.safetensors
 """
 
 from __future__ import annotations
@@ -163,7 +169,9 @@ def loss_fn(net, stems: torch.Tensor, rate: int, guide=None) -> torch.Tensor:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=4500)
+    p.add_argument("--steps", type=int, default=2400, help="length of the cosine learning-rate schedule")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop (and save) after this many steps, part-way through the schedule")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -205,7 +213,8 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(args.out), metadata=meta)
 
-    for step in range(1, args.steps + 1):
+    last = min(args.steps, args.stop_after or args.steps)
+    for step in range(1, last + 1):
         stems, guide, rate = next(batches)
         rate = int(rate)
         loss = loss_fn(net, stems, rate, guide)
@@ -222,7 +231,7 @@ def main() -> None:
         if step % 50 == 0:
             print(f"step {step}: {time.time() - t0:.0f} s, loss {np.mean(running):.2f} dB", flush=True)
             running = []
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or step == last:
             save(step)
     print(f"wrote {args.out}")
 
