@@ -245,6 +245,17 @@ def regenerate(seed: int = 11) -> dict:
 # Building the stems
 # ----------------------------------------------------------------------------------------
 
+def to_channels(x: np.ndarray, ch: int) -> np.ndarray:
+    """``[C, T]`` as ``ch`` (1 or 2) channels: stereo averaged for mono, mono duplicated for stereo."""
+    return x.mean(0, keepdims=True) if ch == 1 else (x if x.shape[0] == 2 else np.repeat(x[:1], 2, 0))
+
+
+def pan(x: np.ndarray, position: float) -> np.ndarray:
+    """Constant-power pan of a stereo ``[2, T]`` (``position`` -1 left .. 1 right; 0 leaves it as it is)."""
+    theta = (position + 1) * math.pi / 4
+    return x * np.array([[math.cos(theta)], [math.sin(theta)]]) * math.sqrt(2)
+
+
 def _place(items: list, stem: str, sr: int, ch: int, n: int, cache: dict) -> tuple[np.ndarray, list]:
     """Sum the items of one stem into ``[ch, n]``; also the onset time of each item."""
     out = np.zeros((ch, n))
@@ -254,13 +265,12 @@ def _place(items: list, stem: str, sr: int, ch: int, n: int, cache: dict) -> tup
         a = int(round(it["from"] * native))
         seg = _resample(x[:, a: a + int(math.ceil(it["seconds"] * native))], native, sr)
         seg = seg[:, : int(round(it["seconds"] * sr))]
-        seg = seg.mean(0, keepdims=True) if ch == 1 else (seg if seg.shape[0] == 2 else np.repeat(seg[:1], 2, 0))
+        seg = to_channels(seg, ch)
         seg = seg * 10 ** (it["gain_db"] / 20)
         if stem == "effects":
             seg = seg * (10 ** (-12 / 20) / max(np.abs(seg).max(), 1e-9))
             if ch == 2:
-                theta = (it["pan"] + 1) * math.pi / 4
-                seg = seg * np.array([[math.cos(theta)], [math.sin(theta)]]) * math.sqrt(2)
+                seg = pan(seg, it["pan"])
             onsets.append(it["at"] + _onset_seconds(seg, sr))
         b = int(round(it["at"] * sr))
         m = min(seg.shape[1], n - b)

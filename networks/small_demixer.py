@@ -14,7 +14,7 @@ frequencies, so one set of weights serves every sample rate:
 - **network**: per frame a linear layer, LayerNorm and GELU, a two-layer bidirectional
   GRU over time (at inference on a CPU each direction runs single-threaded in its own
   thread, :func:`~avsync.networks.cpu_threads.run_rnn`), and a linear layer to 3 x 273
-  logits, soft-maxed over the sources (944 k parameters);
+  logits, soft-maxed over the sources (944 k parameters; 1.15 M with the dsp guide);
 - **dsp guide** (``dsp_guide``; the shipped network has it): the ``dsp`` separator's
   three stems are computed first and their magnitudes, as a share of the mixture's on
   the grid, are further features, so the network refines ``dsp`` (and its stereo centre
@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 from .cpu_threads import run_rnn
 
-STEMS = ("speech", "effects", "music")
 LOW_POINTS = 257          # 0..8000 Hz every 31.25 Hz
 LOW_STEP_HZ = 31.25
 HIGH_BANDS = 16           # 8..24 kHz, 1 kHz each
@@ -105,14 +104,20 @@ def inverse(spec: torch.Tensor, sample_rate: int, length: int) -> torch.Tensor:
     return torch.istft(spec, n_fft, hop, win, window, center=True, length=length)
 
 
+def grid_magnitude(spec: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """``[..., frames, GRID]``: the channels' RMS magnitude of a complex STFT
+    ``[..., C, bins, frames]``, on the grid."""
+    to_grid, _ = grid_maps(sample_rate)
+    return torch.einsum("gb,...bt->...tg", to_grid.to(spec.device), (spec.real ** 2 + spec.imag ** 2).mean(-3).sqrt())
+
+
 def features(spec: torch.Tensor, sample_rate: int, rms: torch.Tensor) -> torch.Tensor:
     """``[..., frames, 2 * GRID]`` from a complex STFT ``[..., C, bins, frames]`` (C 1 or 2)
     and the clip's RMS ``[...]`` (the level reference)."""
     to_grid, _ = grid_maps(sample_rate)
     to_grid = to_grid.to(spec.device)
     power = spec.real ** 2 + spec.imag ** 2                         # [..., C, bins, frames]
-    mean_mag = power.mean(-3).sqrt()
-    level = torch.log(torch.einsum("gb,...bt->...tg", to_grid, mean_mag) / rms[..., None, None].clamp_min(1e-8) + EPS)
+    level = torch.log(grid_magnitude(spec, sample_rate) / rms[..., None, None].clamp_min(1e-8) + EPS)
     if spec.shape[-3] == 2:
         side = (spec[..., 0, :, :] - spec[..., 1, :, :]).abs() ** 2
         share = torch.einsum("gb,...bt->...tg", to_grid, side) / \
@@ -126,13 +131,7 @@ def guide_features(guide_spec: torch.Tensor, spec: torch.Tensor, sample_rate: in
     """``[..., frames, 3 * GRID]``: each guide stem's magnitude as a share of the mixture's on
     the grid (channel power means; clamped to 0..2), from the complex STFTs of the guide
     stems ``[..., 3, C, bins, frames]`` and of the mixture ``[..., C, bins, frames]``."""
-    to_grid, _ = grid_maps(sample_rate)
-    to_grid = to_grid.to(spec.device)
-
-    def grid_mag(z: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("gb,...bt->...tg", to_grid, (z.real ** 2 + z.imag ** 2).mean(-3).sqrt())
-
-    share = grid_mag(guide_spec) / (grid_mag(spec).unsqueeze(-3) + 1e-8)     # [..., 3, frames, GRID]
+    share = grid_magnitude(guide_spec, sample_rate) / (grid_magnitude(spec, sample_rate).unsqueeze(-3) + 1e-8)
     return share.clamp(0, 2).transpose(-3, -2).flatten(-2)
 
 

@@ -105,7 +105,7 @@ class AVSyncDemixer:
         return True
 
     def demix(self, audio, method="auto", chunk_seconds=20.0, overlap=0.1, demix_model=None):
-        from ..samplers.demix import demix
+        from ..samplers.demix import demix, uses_model
 
         wav, sr = check_audio(audio, "audio", allow_batch=True)
         if wav.shape[-1] < 1:
@@ -119,7 +119,7 @@ class AVSyncDemixer:
         msg = self.check_widgets(method, chunk_seconds, overlap)
         if msg is not True:
             raise InputError(msg.split(":")[0], msg.split(": ", 1)[1])
-        use_model = method in ("model",) + MODEL_FAMILY_METHODS or (method == "auto" and demix_model is not None)
+        use_model = uses_model(method, demix_model)
         kind, chunk = ("learned" if method == "learned" else "dsp"), chunk_seconds
         if use_model:
             own = getattr(demix_model, "chunking", None)     # a family with its own chunker (BandIt v2)

@@ -71,12 +71,6 @@ class TunePool:
         return self.at_rate[key]
 
 
-def _to_channels(x: np.ndarray, ch: int) -> np.ndarray:
-    if ch == 1:
-        return x.mean(0, keepdims=True)
-    return x if x.shape[0] == 2 else np.repeat(x[:1], 2, 0)
-
-
 def _rms(x: np.ndarray) -> float:
     return float(np.sqrt((x.astype(np.float64) ** 2).mean()) + 1e-12)
 
@@ -88,7 +82,7 @@ def example(pool: TunePool, rng: np.random.Generator, rate: int, ch: int) -> np.
     if rng.random() > 0.05:
         t, active = float(rng.uniform(-1.0, 0.8)), np.zeros(n, bool)
         while t < SECONDS - 0.3:
-            x = _to_channels(pool.get(str(rng.choice(pool.paths["speech"])), rate), ch)
+            x = pool.E.to_channels(pool.get(str(rng.choice(pool.paths["speech"])), rate), ch)
             a, b = int(t * rate), int(t * rate) + x.shape[1]
             seg = x[:, max(0, -a): min(x.shape[1], n - a)]
             stems[0, :, max(a, 0): max(a, 0) + seg.shape[1]] += seg * 10 ** (rng.uniform(-3, 3) / 20)
@@ -102,18 +96,17 @@ def example(pool: TunePool, rng: np.random.Generator, rate: int, ch: int) -> np.
             speed = rng.uniform(0.85, 1.15)
             m = max(2, int(x.shape[1] / speed))
             x = np.stack([np.interp(np.linspace(0, x.shape[1] - 1, m), np.arange(x.shape[1]), c) for c in x])
-            x = _to_channels(x, ch)[:, : int(2.5 * rate)]
+            x = pool.E.to_channels(x, ch)[:, : int(2.5 * rate)]
             x = x * 10 ** ((-12 + rng.uniform(-8, 4)) / 20) / max(np.abs(x).max(), 1e-9)
             if ch == 2:
-                theta = (rng.uniform(-0.6, 0.6) + 1) * math.pi / 4
-                x = x * np.array([[math.cos(theta)], [math.sin(theta)]]) * math.sqrt(2)
+                x = pool.E.pan(x, rng.uniform(-0.6, 0.6))
             at = int(rng.uniform(-0.2, SECONDS - 0.2) * rate)
             seg = x[:, max(0, -at): max(0, min(x.shape[1], n - at))]
             stems[1, :, max(at, 0): max(at, 0) + seg.shape[1]] += seg
     if rng.random() > 1 / 12:
         x = pool.get(str(rng.choice(pool.paths["music"])), rate)
         a = int(rng.integers(0, max(1, x.shape[1] - n)))
-        seg = _to_channels(x[:, a: a + n], ch)
+        seg = pool.E.to_channels(x[:, a: a + n], ch)
         level = -26 + (rng.uniform(-40, -30) if rng.random() < 1 / 6 else rng.uniform(-10, 3))
         if _rms(seg) > 1e-5:   # not a silent stretch of the track
             stems[2, :, : seg.shape[1]] = seg * 10 ** (level / 20) / _rms(seg)
