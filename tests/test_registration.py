@@ -26,10 +26,22 @@ LOADER = textwrap.dedent("""
 """)
 
 
+_NOT_IN_THE_PACK = shutil.ignore_patterns(".git", "tests", "bench", "*.egg-info", "__pycache__",
+                                         "example_workflows", "models", ".pytest_cache")
+
+
+def _skip_not_in_the_pack(folder, names):
+    """What a user's clone would not hold: tests, caches, and any virtual environment beside the code
+    (CI makes ``.venv`` and ``.venv-notorchaudio`` in the checkout; copying them cost ~9 GB per test
+    and filled CI's disk)."""
+    skipped = set(_NOT_IN_THE_PACK(folder, names))
+    skipped |= {n for n in names if n.startswith(".venv") or (Path(folder, n) / "pyvenv.cfg").is_file()}
+    return skipped
+
+
 def _copy_pack(tmp_path) -> Path:
     dest = tmp_path / "custom_nodes" / "ComfyUI-AVSync"
-    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".git", "tests", "bench", "*.egg-info",
-                                                              "__pycache__", "example_workflows", "models", ".venv"))
+    shutil.copytree(ROOT, dest, ignore=_skip_not_in_the_pack)
     return dest
 
 
