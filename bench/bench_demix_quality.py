@@ -45,6 +45,16 @@ def _methods(args):
     from avsync.samplers.demix import demix
 
     methods = {m: (lambda x, sr, m=m: demix(torch.from_numpy(x), sr, m).numpy()) for m in args.methods}
+    if args.learned_weights:   # a candidate network of the learned method, scored beside the shipped one
+        from avsync.loaders.demix import load_small_demixer
+        from avsync.networks.small_demixer import separate
+
+        net = load_small_demixer(Path(args.learned_weights))
+
+        def candidate(x, sr):
+            with torch.inference_mode():
+                return separate(net, torch.from_numpy(x), sr).numpy()
+        methods[f"learned:{Path(args.learned_weights).stem}"] = candidate
     if args.model:
         from avsync.loaders.demix import load_demix_model
 
@@ -76,7 +86,7 @@ def report(rows: list, title: str) -> None:
             for c in COLUMNS:
                 row(f"{title}: {c} SI-SDRi", np.mean([r[f"{c}_imp"] for r in rs]), "dB", vs="unprocessed mix")
             row(f"{title}: mean SI-SDRi", mean_imp, "dB", vs="unprocessed mix")
-    print(f"  onsets vs true events (precision@3 / AP@3):")
+    print("  onsets vs true events (precision@3 / AP@3):")
     for g in sorted(k for k in groups if k != "all") + ["all"]:
         rs = groups[g]
         vals = {k: np.mean([r[k] for r in rs]) for k in rs[0] if k.startswith(("p3_", "ap3_"))}
@@ -125,6 +135,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", choices=("dsp", "learned"), default=["dsp", "learned"],
                    help="weights-free / shipped methods to score (default: both)")
     p.add_argument("--model", default=None, help="also score this converted demix model (.safetensors)")
+    p.add_argument("--learned-weights", default=None,
+                   help="also score the learned method with this network (.safetensors; e.g. a training run's)")
     p.add_argument("--alone", action="store_true", help="also: where the energy of each true stem fed alone goes")
     args = p.parse_args()
     import torch

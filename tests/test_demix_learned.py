@@ -173,13 +173,36 @@ def test_training_loss_is_finite_and_learns(monkeypatch, dsp_guide):
     opt = torch.optim.Adam(net.parameters(), 1e-2)
     losses = []
     for _ in range(8):
-        loss = T.loss_fn(net, stems, 16000, guide)
+        loss = T.loss_fn(net, stems, 16000, guide, event_weight=0.5)
         assert torch.isfinite(loss)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_event_loss_counts_each_effects_segment_alike(monkeypatch):
+    """The per-segment effects loss: -30 dB (the cap) for a perfect stem, 0 dB for a missing
+    one, whatever the event's level; segments without effects do not count."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import train_small_demixer as T
+
+    rate, seg = 1000, int(T.EVENT_SEGMENT_SECONDS * 1000)
+    g = torch.Generator().manual_seed(0)
+    mix = 0.3 * torch.randn(1, 1, 4 * seg, generator=g)
+    fx = torch.zeros_like(mix)
+    fx[..., :seg] = torch.randn(seg, generator=g)                    # loud event, segment 0
+    fx[..., 2 * seg: 3 * seg] = 0.05 * torch.randn(seg, generator=g)  # quiet one (-26 dB), segment 2
+    mix = mix + fx
+    assert T.event_loss(fx, fx, mix, rate).item() == pytest.approx(-30.0, abs=0.05)
+    assert T.event_loss(torch.zeros_like(fx), fx, mix, rate).item() == pytest.approx(0.0, abs=0.05)
+    half = fx.clone()
+    half[..., 2 * seg: 3 * seg] = 0                                 # the quiet event dropped: half the loss
+    assert T.event_loss(half, fx, mix, rate).item() == pytest.approx(-15.0, abs=0.05)
+    # the whole-clip loss barely notices the dropped quiet event
+    whole = T.capped_sdr_loss((half - fx).pow(2).sum(), fx.pow(2).sum(), torch.tensor(0.0)).item()
+    assert whole < -22
 
 
 def test_weights_are_packaged_and_documented():

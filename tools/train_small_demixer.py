@@ -139,7 +139,34 @@ class Batches(torch.utils.data.IterableDataset):
             yield batch(pool, rng, self.size, self.dsp_guide)
 
 
-def loss_fn(net, stems: torch.Tensor, rate: int, guide=None) -> torch.Tensor:
+def capped_sdr_loss(err: torch.Tensor, ref: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Minus the SDR in dB, capped at 30 dB by ``1e-3 ref``; ``floor`` bounds the loss of a stem
+    that is absent (``ref`` ~ 0) and leaks into."""
+    return 10 * torch.log10((err + 1e-3 * ref + floor) / (ref + floor))
+
+
+EVENT_SEGMENT_SECONDS = 0.25
+
+
+def event_loss(est_fx: torch.Tensor, true_fx: torch.Tensor, mix: torch.Tensor, rate: int) -> torch.Tensor:
+    """The effects stem's capped SDR loss per 0.25-s segment, averaged over the segments in which
+    effects are present (their energy at most 30 dB under the mixture's there). The whole-clip
+    loss weights an event by its energy, so a quiet event can be dropped at little cost; here
+    each segment counts alike, which is what the onset localizer downstream needs: every event,
+    quiet or loud, present in the effects stem."""
+    seg = int(EVENT_SEGMENT_SECONDS * rate)
+    k = est_fx.shape[-1] // seg
+
+    def energy(x):   # [B, C, T] -> [B, k]
+        return x[..., : k * seg].unflatten(-1, (k, seg)).pow(2).sum((1, 3))
+
+    err, ref, mix_e = energy(est_fx - true_fx), energy(true_fx), energy(mix)
+    present = ref > 1e-3 * mix_e + 1e-12
+    per_segment = capped_sdr_loss(err, ref, torch.full_like(ref, 1e-12))   # only present segments count
+    return (per_segment * present).sum() / present.sum().clamp(min=1)
+
+
+def loss_fn(net, stems: torch.Tensor, rate: int, guide=None, event_weight: float = 0.0) -> torch.Tensor:
     from avsync.networks import small_demixer as S
 
     b, _, ch, n = stems.shape
@@ -157,7 +184,10 @@ def loss_fn(net, stems: torch.Tensor, rate: int, guide=None) -> torch.Tensor:
     floor = 1e-4 * mix.pow(2).sum((1, 2))[:, None] + 1e-12
     err = (est - stems).pow(2).sum((2, 3))
     ref = stems.pow(2).sum((2, 3))
-    return (10 * torch.log10((err + 1e-3 * ref + floor) / (ref + floor))).mean()
+    loss = capped_sdr_loss(err, ref, floor).mean()
+    if event_weight:
+        loss = loss + event_weight * event_loss(est[:, 1], stems[:, 1], mix, rate)
+    return loss
 
 
 def main() -> None:
@@ -174,6 +204,9 @@ def main() -> None:
     p.add_argument("--init", type=Path, default=None,
                    help="start from this network (one without the dsp guide: its input layer gets zero "
                         "weights for the guide features, so it starts out as it was)")
+    p.add_argument("--event-weight", type=float, default=0.0,
+                   help="weight of the per-segment effects loss (event_loss), which counts quiet events alike "
+                        "with loud ones")
     args = p.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
@@ -202,6 +235,7 @@ def main() -> None:
         meta = {"avsync_family": "small_demixer", "avsync_config": json.dumps(net.config.to_dict()),
                 "trained": json.dumps({"steps": step, "batch": args.batch, "seconds": SECONDS, "seed": args.seed,
                                        "lr": args.lr, "init": args.init.name if args.init else None,
+                                       "event_weight": args.event_weight,
                                        "data": "bench/demix_eval.py tune pools"})}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(args.out), metadata=meta)
@@ -210,7 +244,7 @@ def main() -> None:
     for step in range(1, last + 1):
         stems, guide, rate = next(batches)
         rate = int(rate)
-        loss = loss_fn(net, stems, rate, guide)
+        loss = loss_fn(net, stems, rate, guide, args.event_weight)
         if not torch.isfinite(loss):
             print(f"step {step}: loss {loss.item()} (batch at {rate} Hz, peak {stems.abs().max():.3g}); skipped",
                   flush=True)
