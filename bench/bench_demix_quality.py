@@ -129,6 +129,17 @@ def equal_ap_report(rows: list, heights, title: str) -> None:
                 "precision", ratio=p / max(p_mix, 1e-9), vs=f"from the mix (AP@3 {ap:.2f} vs {ap_mix:.2f})")
 
 
+def events_report(rows: list) -> None:
+    """Found and missed true events (onset peaks above the lowest swept height): their level
+    under the mixture and how much of them the effects stem keeps (medians, dB)."""
+    events = [e for r in rows for e in r["events"]]
+    for label, group in (("found", [e for e in events if e["found"]]), ("missed", [e for e in events if not e["found"]])):
+        if group:
+            print(f"  {label:6} {len(group):3} of {len(events)} true events: median level under the mix "
+                  f"{np.median([e['under_mix_db'] for e in group]):+.1f} dB, kept in the effects stem "
+                  f"{np.median([e['kept_db'] for e in group]):+.1f} dB (first {E.EVENT_WINDOW:g} s)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="demixer quality on the real-audio evaluation set")
     p.add_argument("--part", choices=("tune", "heldout", "both"), default="both")
@@ -137,6 +148,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="also score this converted demix model (.safetensors)")
     p.add_argument("--learned-weights", default=None,
                    help="also score the learned method with this network (.safetensors; e.g. a training run's)")
+    p.add_argument("--events", action="store_true",
+                   help="also: which true events the effects stem's onsets miss, and whether the stem still holds them")
     p.add_argument("--alone", action="store_true", help="also: where the energy of each true stem fed alone goes")
     args = p.parse_args()
     import torch
@@ -162,6 +175,8 @@ def main() -> None:
                 seconds[name] += time.perf_counter() - t0
                 assert np.abs(est.sum(0) - mix["mixture"]).max() < 1e-4 or name not in ("dsp", "learned")
                 row = {"format": _fmt(recipe), "case": recipe["case"], **E.score(mix, est)}
+                if args.events:
+                    row["events"] = E.event_report(mix, est[1])
                 if args.alone:
                     for i, stem in enumerate(COLUMNS):
                         energy = (run(mix[stem], recipe["sample_rate"]).astype(np.float64) ** 2).sum(axis=(1, 2))
@@ -174,6 +189,8 @@ def main() -> None:
                 for stem in COLUMNS:
                     share = np.mean([r[f"alone_{stem}"] for r in rows[name]], axis=0)
                     print(f"  {stem:18} " + " / ".join(f"{v:.2f}" for v in share))
+            if args.events:
+                events_report(rows[name])
             if part == "tune":
                 heights[name] = {stem: equal_ap_height(rows[name], stem) for stem in ("fx", "oracle")}
             equal_ap_report(rows[name], heights.get(name), f"{part}: {name}")

@@ -388,6 +388,32 @@ def onset_frames(waveform: np.ndarray, sample_rate: int) -> list[int]:
     return onset_peaks(waveform, sample_rate)[0]
 
 
+EVENT_WINDOW = 0.15   # seconds from a true event's onset over which its level is measured
+
+
+def event_report(mix: dict, effects_estimate: np.ndarray) -> list[dict]:
+    """Per true effect event: ``found`` (a peak of the stem's onset curve above the lowest
+    swept height within ``TOLERANCE`` frames), ``under_mix_db`` (the true event's energy over
+    ``EVENT_WINDOW`` against the mixture's there) and ``kept_db`` (the stem's energy there
+    against the true event's). A missed event with ``kept_db`` near 0 was under the peak
+    threshold; one far below 0 was taken out of the stem (sent to speech or music)."""
+    sr = mix["sample_rate"]
+    frames, _ = onset_peaks(effects_estimate, sr, min(SWEEP_HEIGHTS))
+
+    def energy(x, a, b):
+        return float((np.asarray(x[:, a:b], np.float64) ** 2).mean()) + 1e-20
+
+    out = []
+    for t, f in zip(mix["events"], mix["event_frames"]):
+        a = int(round(t * sr))
+        b = a + int(round(EVENT_WINDOW * sr))
+        true = energy(mix["effects"], a, b)
+        out.append({"found": any(abs(p - f) <= TOLERANCE for p in frames),
+                    "under_mix_db": 10 * math.log10(true / energy(mix["mixture"], a, b)),
+                    "kept_db": 10 * math.log10(energy(effects_estimate, a, b) / true)})
+    return out
+
+
 def score(mix: dict, estimate: np.ndarray) -> dict:
     """SI-SDR of the mixture and of ``estimate`` (``[3, C, T]`` in STEMS order) against each
     true stem, and onset precision@3 / recall (AP@3) against the true events for the

@@ -79,7 +79,9 @@ class AVSyncDemixer:
                            "BandIt's own chunking (8 s chunks on a 1 s hop, Hann-weighted), so chunk_seconds and "
                            "overlap do not apply. A BandIt v2 model runs with its own chunking under auto and "
                            "model too. learned: a small network shipped with AVSync (4.6 MB, no download) that "
-                           "refines dsp; trained by us on Debian-packaged recordings; runs on the CPU."}),
+                           "refines dsp; trained by us on Debian-packaged recordings; runs on the CPU. Cleaner speech "
+                           "and effects than dsp on real mixtures, but tonal or voice-like effects (a chime, a "
+                           "bird) can land in speech: for keyframes from events, dsp's effects stem finds more."}),
                 "chunk_seconds": ("FLOAT", {"default": 20.0, "min": 1.0, "max": MAX_CHUNK_SECONDS, "step": 0.5,
                                   "tooltip": "Audio is processed in chunks of this length so long files use "
                                              "bounded memory; longer chunks give a model more context."}),

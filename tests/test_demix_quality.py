@@ -134,3 +134,17 @@ def test_onset_sweep_and_the_equal_ap_operating_point():
     assert Q.equal_ap_height([{**rows[0], "ap3_mix": 1.0}]) == min(E.SWEEP_HEIGHTS)
     oracle_rows = [{"ap3_mix": 0.7, **{f"ap3_oracle@{h:g}": 1.0 - h for h in E.SWEEP_HEIGHTS}}]
     assert Q.equal_ap_height(oracle_rows, "oracle") == 0.3
+
+
+def test_event_report_tells_a_kept_event_from_a_removed_one():
+    sr = 16000
+    mix = E.build_mixture(_recipe(sr, 1), _fake_cache(sr))
+    kept = E.event_report(mix, mix["effects"])
+    assert [e["found"] for e in kept] == [True] * 3
+    assert all(e["kept_db"] == pytest.approx(0.0, abs=1e-9) and e["under_mix_db"] < 0 for e in kept)
+    removed = mix["effects"].copy()
+    a = int(round(mix["events"][1] * sr))
+    removed[:, a - int(0.05 * sr): a + int(0.3 * sr)] *= 0.01     # the second event taken out (-40 dB)
+    r = E.event_report(mix, removed)
+    assert [e["found"] for e in r] == [True, False, True]
+    assert r[1]["kept_db"] == pytest.approx(-40.0, abs=1e-6) and r[0]["kept_db"] == pytest.approx(0.0, abs=1e-9)
