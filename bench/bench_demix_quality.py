@@ -131,13 +131,16 @@ def equal_ap_report(rows: list, heights, title: str) -> None:
 
 def events_report(rows: list) -> None:
     """Found and missed true events (onset peaks above the lowest swept height): their level
-    under the mixture and how much of them the effects stem keeps (medians, dB)."""
+    under the mixture, how much of them the effects stem keeps, and the speech and music
+    stems' error there (the stem that took a missed event has an error near 0 dB)."""
     events = [e for r in rows for e in r["events"]]
     for label, group in (("found", [e for e in events if e["found"]]), ("missed", [e for e in events if not e["found"]])):
         if group:
-            print(f"  {label:6} {len(group):3} of {len(events)} true events: median level under the mix "
-                  f"{np.median([e['under_mix_db'] for e in group]):+.1f} dB, kept in the effects stem "
-                  f"{np.median([e['kept_db'] for e in group]):+.1f} dB (first {E.EVENT_WINDOW:g} s)")
+            med = {k: np.median([e[k] for e in group]) for k in group[0] if k.endswith("_db")}
+            print(f"  {label:6} {len(group):3} of {len(events)} true events (first {E.EVENT_WINDOW:g} s, medians, dB "
+                  f"against the event): under the mix {med['under_mix_db']:+.1f}, kept in the effects stem "
+                  f"{med['kept_db']:+.1f}; speech / music stem error {med['speech_error_db']:+.1f} / "
+                  f"{med['music_error_db']:+.1f}")
 
 
 def main() -> None:
@@ -176,7 +179,7 @@ def main() -> None:
                 assert np.abs(est.sum(0) - mix["mixture"]).max() < 1e-4 or name not in ("dsp", "learned")
                 row = {"format": _fmt(recipe), "case": recipe["case"], **E.score(mix, est)}
                 if args.events:
-                    row["events"] = E.event_report(mix, est[1])
+                    row["events"] = E.event_report(mix, est)
                 if args.alone:
                     for i, stem in enumerate(COLUMNS):
                         energy = (run(mix[stem], recipe["sample_rate"]).astype(np.float64) ** 2).sum(axis=(1, 2))

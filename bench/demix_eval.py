@@ -391,17 +391,23 @@ def onset_frames(waveform: np.ndarray, sample_rate: int) -> list[int]:
 EVENT_WINDOW = 0.15   # seconds from a true event's onset over which its level is measured
 
 
-def event_report(mix: dict, effects_estimate: np.ndarray) -> list[dict]:
-    """Per true effect event: ``found`` (a peak of the stem's onset curve above the lowest
-    swept height within ``TOLERANCE`` frames), ``under_mix_db`` (the true event's energy over
-    ``EVENT_WINDOW`` against the mixture's there) and ``kept_db`` (the stem's energy there
-    against the true event's). A missed event with ``kept_db`` near 0 was under the peak
-    threshold; one far below 0 was taken out of the stem (sent to speech or music)."""
+def event_report(mix: dict, estimate: np.ndarray) -> list[dict]:
+    """Per true effect event, for ``estimate`` (``[3, C, T]`` in STEMS order): ``found`` (a
+    peak of the effects stem's onset curve above the lowest swept height within
+    ``TOLERANCE`` frames) and, over ``EVENT_WINDOW`` from its onset: ``under_mix_db`` (the
+    event's energy against the mixture's; negative: under the mix) and, in dB against the
+    true event's energy there, ``kept_db`` (the effects stem's energy) and ``speech_error_db`` /
+    ``music_error_db`` (each of those stems' error against its true stem). A missed event
+    with ``kept_db`` near 0 was under the peak threshold; one far below 0 was taken out of
+    the effects stem, and the stem whose error is near 0 dB took it."""
     sr = mix["sample_rate"]
-    frames, _ = onset_peaks(effects_estimate, sr, min(SWEEP_HEIGHTS))
+    frames, _ = onset_peaks(estimate[1], sr, min(SWEEP_HEIGHTS))
 
     def energy(x, a, b):
         return float((np.asarray(x[:, a:b], np.float64) ** 2).mean()) + 1e-20
+
+    def db(x, a, b, ref):
+        return 10 * math.log10(energy(x, a, b) / ref)
 
     out = []
     for t, f in zip(mix["events"], mix["event_frames"]):
@@ -409,8 +415,10 @@ def event_report(mix: dict, effects_estimate: np.ndarray) -> list[dict]:
         b = a + int(round(EVENT_WINDOW * sr))
         true = energy(mix["effects"], a, b)
         out.append({"found": any(abs(p - f) <= TOLERANCE for p in frames),
-                    "under_mix_db": 10 * math.log10(true / energy(mix["mixture"], a, b)),
-                    "kept_db": 10 * math.log10(energy(effects_estimate, a, b) / true)})
+                    "under_mix_db": -db(mix["mixture"], a, b, true),
+                    "kept_db": db(estimate[1], a, b, true),
+                    "speech_error_db": db(estimate[0] - mix["speech"], a, b, true),
+                    "music_error_db": db(estimate[2] - mix["music"], a, b, true)})
     return out
 
 

@@ -136,15 +136,21 @@ def test_onset_sweep_and_the_equal_ap_operating_point():
     assert Q.equal_ap_height(oracle_rows, "oracle") == 0.3
 
 
-def test_event_report_tells_a_kept_event_from_a_removed_one():
+def test_event_report_tells_a_kept_event_from_one_sent_to_speech():
     sr = 16000
     mix = E.build_mixture(_recipe(sr, 1), _fake_cache(sr))
-    kept = E.event_report(mix, mix["effects"])
+    perfect = np.stack([mix[s] for s in E.STEMS])
+    kept = E.event_report(mix, perfect)
     assert [e["found"] for e in kept] == [True] * 3
-    assert all(e["kept_db"] == pytest.approx(0.0, abs=1e-9) and e["under_mix_db"] < 0 for e in kept)
-    removed = mix["effects"].copy()
+    assert all(e["kept_db"] == pytest.approx(0.0, abs=1e-9) and e["under_mix_db"] < 0 and
+               e["speech_error_db"] < -150 for e in kept)
+    moved = perfect.copy()
     a = int(round(mix["events"][1] * sr))
-    removed[:, a - int(0.05 * sr): a + int(0.3 * sr)] *= 0.01     # the second event taken out (-40 dB)
-    r = E.event_report(mix, removed)
+    span = slice(a - int(0.05 * sr), a + int(0.3 * sr))
+    moved[0][:, span] += 0.99 * mix["effects"][:, span]     # the second event sent to speech (-40 dB left)
+    moved[1][:, span] *= 0.01
+    r = E.event_report(mix, moved)
     assert [e["found"] for e in r] == [True, False, True]
-    assert r[1]["kept_db"] == pytest.approx(-40.0, abs=1e-6) and r[0]["kept_db"] == pytest.approx(0.0, abs=1e-9)
+    assert r[1]["kept_db"] == pytest.approx(-40.0, abs=1e-6)
+    assert r[1]["speech_error_db"] == pytest.approx(20 * math.log10(0.99), abs=1e-6)
+    assert r[1]["music_error_db"] < -150 and r[0]["kept_db"] == pytest.approx(0.0, abs=1e-9)
