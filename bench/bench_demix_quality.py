@@ -39,17 +39,25 @@ from bench._report import row  # noqa: E402
 COLUMNS = ("speech", "effects", "music")
 
 
-def _methods(args):
+def _methods(args, parser):
     import torch
 
+    from avsync.core.errors import ModelFormatError
     from avsync.samplers.demix import demix
+
+    def load(flag, loader, path):   # a wrong file: one line naming the flag, exit code 2
+        try:
+            return loader(Path(path))
+        except (ModelFormatError, OSError) as e:
+            print(f"{parser.prog}: error: {flag}: {e}", file=sys.stderr)
+            sys.exit(2)
 
     methods = {m: (lambda x, sr, m=m: demix(torch.from_numpy(x), sr, m).numpy()) for m in args.methods}
     if args.learned_weights:   # a candidate network of the learned method, scored beside the shipped one
         from avsync.loaders.demix import load_small_demixer
         from avsync.networks.small_demixer import separate
 
-        net = load_small_demixer(Path(args.learned_weights))
+        net = load("--learned-weights", load_small_demixer, args.learned_weights)
 
         def candidate(x, sr):
             with torch.inference_mode():
@@ -58,7 +66,7 @@ def _methods(args):
     if args.model:
         from avsync.loaders.demix import load_demix_model
 
-        model = load_demix_model(Path(args.model))
+        model = load("--model", load_demix_model, args.model)
         methods[Path(args.model).stem] = lambda x, sr: demix(torch.from_numpy(x), sr, "model", model).numpy()
     return methods
 
@@ -158,12 +166,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(2)
+    methods = _methods(args, p)   # a wrong --model / --learned-weights file is refused first
     manifest = E.load_manifest()
     problems = E.check_sources(manifest)
     if problems:
         sys.exit("the evaluation sources are not installed or differ:\n  " + "\n  ".join(problems[:10]) +
                  "\ninstall: apt-get install --no-install-recommends " + " ".join(E.PACKAGES))
-    methods = _methods(args)
     parts = ("tune", "heldout") if args.part == "both" else (args.part,)
     heights: dict = {}   # per method: the effects stem's onset peak height with the mixture's AP@3 (tune part)
     for part in parts:

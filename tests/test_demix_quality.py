@@ -154,3 +154,19 @@ def test_event_report_tells_a_kept_event_from_one_sent_to_speech():
     assert r[1]["kept_db"] == pytest.approx(-40.0, abs=1e-6)
     assert r[1]["speech_error_db"] == pytest.approx(20 * math.log10(0.99), abs=1e-6)
     assert r[1]["music_error_db"] < -150 and r[0]["kept_db"] == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("flag", ["--model", "--learned-weights"])
+def test_quality_bench_refuses_a_wrong_model_file_in_one_line(tmp_path, flag):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bad = tmp_path / "notes.safetensors"
+    bad.write_text("not a model")
+    res = subprocess.run([sys.executable, str(root / "bench" / "bench_demix_quality.py"), flag, str(bad)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"bench_demix_quality.py: error: {flag}: {bad}")
