@@ -55,14 +55,11 @@ def _methods(args, parser):
     methods = {m: (lambda x, sr, m=m: demix(torch.from_numpy(x), sr, m).numpy()) for m in args.methods}
     if args.learned_weights:   # a candidate network of the learned method, scored beside the shipped one
         from avsync.loaders.demix import load_small_demixer
-        from avsync.networks.small_demixer import separate
+        from avsync.samplers.demix import learned_chunk_processor
 
         net = load("--learned-weights", load_small_demixer, args.learned_weights)
-
-        def candidate(x, sr):
-            with torch.inference_mode():
-                return separate(net, torch.from_numpy(x), sr).numpy()
-        methods[f"learned:{Path(args.learned_weights).stem}"] = candidate
+        methods[f"learned:{Path(args.learned_weights).stem}"] = \
+            lambda x, sr: learned_chunk_processor(sr, net)(torch.from_numpy(x)).numpy()
     if args.model:
         from avsync.loaders.demix import load_demix_model
 

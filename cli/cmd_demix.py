@@ -39,10 +39,11 @@ def demix_method(chosen: str, model_name: str | None) -> str:
     """What runs for the demixer's ``method`` choice and a model file (or None): ``"model"``,
     ``"bandit_v2"``, ``"learned"`` or ``"dsp"`` (``auto`` uses the model when one is given, as
     the node does when one is connected)."""
-    if chosen == "learned":
-        return chosen
-    use_model = chosen in ("model", "bandit_v2") or (chosen == "auto" and bool(model_name))
-    return (chosen if chosen == "bandit_v2" else "model") if use_model else "dsp"
+    from ..samplers.demix import uses_model, weights_free_method
+
+    if not uses_model(chosen, model_name or None):
+        return weights_free_method(chosen)
+    return chosen if chosen == "bandit_v2" else "model"
 
 
 def demix_model_for(method: str, model_name: str | None, flag: str = "--model"):

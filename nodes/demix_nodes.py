@@ -107,7 +107,7 @@ class AVSyncDemixer:
         return True
 
     def demix(self, audio, method="auto", chunk_seconds=20.0, overlap=0.1, demix_model=None):
-        from ..samplers.demix import demix, uses_model
+        from ..samplers.demix import demix, uses_model, weights_free_method
 
         wav, sr = check_audio(audio, "audio", allow_batch=True)
         if wav.shape[-1] < 1:
@@ -122,7 +122,7 @@ class AVSyncDemixer:
         if msg is not True:
             raise InputError(msg.split(":")[0], msg.split(": ", 1)[1])
         use_model = uses_model(method, demix_model)
-        kind, chunk = ("learned" if method == "learned" else "dsp"), chunk_seconds
+        kind, chunk = weights_free_method(method), chunk_seconds
         if use_model:
             own = getattr(demix_model, "chunking", None)     # a family with its own chunker (BandIt v2)
             kind, chunk = ("model", chunk_seconds) if own is None else (demix_model.family, own["chunk_seconds"])

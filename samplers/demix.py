@@ -109,6 +109,12 @@ def uses_model(method: str, model) -> bool:
     return method in MODEL_METHODS or (method == "auto" and model is not None)
 
 
+def weights_free_method(method: str) -> str:
+    """What runs when no demix model does: ``learned`` (the shipped network) or ``dsp``
+    (``dsp`` itself, and ``auto`` without a model)."""
+    return "learned" if method == "learned" else "dsp"
+
+
 def _chunk_processor(method: str, model, sample_rate: int, gain: Callable[[], float]):
     """``(process, desc, use_model)`` for :func:`demix` and :func:`demix_blocks`."""
     if method not in METHODS:
@@ -130,14 +136,15 @@ def _chunk_processor(method: str, model, sample_rate: int, gain: Callable[[], fl
     return process, "demix (dsp)", False
 
 
-def learned_chunk_processor(sample_rate: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``[C, L]`` → ``[3, C, L]`` through the shipped network of the ``learned`` method
-    (:mod:`avsync.networks.small_demixer`; on the CPU: it is small, and its GRU runs
-    each direction on its own thread, :mod:`avsync.networks.cpu_threads`)."""
+def learned_chunk_processor(sample_rate: int, net=None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``[C, L]`` → ``[3, C, L]`` through the network of the ``learned`` method (``net``:
+    a loaded :class:`~avsync.networks.small_demixer.SmallDemixer`; default the shipped one.
+    On the CPU: it is small, and its GRU runs each direction on its own thread,
+    :mod:`avsync.networks.cpu_threads`)."""
     from ..loaders.demix import load_small_demixer
     from ..networks.small_demixer import separate
 
-    net = load_small_demixer()
+    net = net if net is not None else load_small_demixer()
 
     def process(chunk: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
