@@ -176,12 +176,25 @@ def separate(net: SmallDemixer, waveform: torch.Tensor, sample_rate: int) -> tor
     if net.config.dsp_guide:
         guide = dsp_guide_spec(x.mean(0, keepdim=True) if many else x, sample_rate)
         feats = torch.cat([feats, guide_features(guide[None], feat_spec[None], sample_rate)], -1)
-    masks = net(feats)[0]                                              # [3, frames, GRID]
+    return stems_from_masks(spec, net(feats)[0], x, sample_rate)[..., :n]
+
+
+def stems_from_masks(spec: torch.Tensor, masks: torch.Tensor, mixture: torch.Tensor,
+                     sample_rate: int) -> torch.Tensor:
+    """``[..., 3, C, T]`` stems (speech, effects, music) from the mixture ``[..., C, T]``, its
+    spectrogram ``[..., C, bins, frames]`` and the network's grid masks ``[..., 3, frames,
+    GRID]`` (one mask for all channels): speech and music masked, effects the rest, so the
+    stems add back to the mixture. Shared by :func:`separate` and the training loss."""
     _, to_bins = grid_maps(sample_rate)
-    bin_masks = torch.einsum("bg,stg->sbt", to_bins.to(masks.device), masks)
-    speech = inverse(spec * bin_masks[0], sample_rate, x.shape[-1])[..., :n]
-    music = inverse(spec * bin_masks[2], sample_rate, x.shape[-1])[..., :n]
-    return torch.stack([speech, x[..., :n] - speech - music, music])
+    bin_masks = torch.einsum("bg,...stg->...sbt", to_bins.to(masks.device), masks)   # [..., 3, bins, frames]
+    lead = spec.shape[:-2]
+
+    def masked(i: int) -> torch.Tensor:
+        stem = spec * bin_masks[..., i:i + 1, :, :]
+        return inverse(stem.reshape(-1, *stem.shape[-2:]), sample_rate, mixture.shape[-1]).reshape(*lead, -1)
+
+    speech, music = masked(0), masked(2)
+    return torch.stack([speech, mixture - speech - music, music], -3)
 
 
 def parameter_count(net: nn.Module) -> int:

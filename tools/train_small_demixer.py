@@ -169,18 +169,13 @@ def event_loss(est_fx: torch.Tensor, true_fx: torch.Tensor, mix: torch.Tensor, r
 def loss_fn(net, stems: torch.Tensor, rate: int, guide=None, event_weight: float = 0.0) -> torch.Tensor:
     from avsync.networks import small_demixer as S
 
-    b, _, ch, n = stems.shape
+    b, _, ch, _ = stems.shape
     mix = stems.sum(1)                                                   # [B, C, T]
     spec = S.spectrogram(mix.flatten(0, 1), rate).unflatten(0, (b, ch))  # [B, C, bins, frames]
     feats = S.features(spec, rate, mix.pow(2).mean((1, 2)).sqrt())
     if guide is not None:
         feats = torch.cat([feats, S.guide_features(guide, spec, rate)], -1)
-    masks = net(feats)                                                   # [B, 3, frames, GRID]
-    _, to_bins = S.grid_maps(rate)
-    bin_masks = torch.einsum("bg,kstg->ksbt", to_bins, masks)
-    speech = S.inverse((spec * bin_masks[:, 0:1]).flatten(0, 1), rate, n).unflatten(0, (b, ch))
-    music = S.inverse((spec * bin_masks[:, 2:3]).flatten(0, 1), rate, n).unflatten(0, (b, ch))
-    est = torch.stack([speech, mix - speech - music, music], 1)
+    est = S.stems_from_masks(spec, net(feats), mix, rate)               # [B, 3, C, T]
     floor = 1e-4 * mix.pow(2).sum((1, 2))[:, None] + 1e-12
     err = (est - stems).pow(2).sum((2, 3))
     ref = stems.pow(2).sum((2, 3))
